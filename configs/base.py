@@ -1,0 +1,106 @@
+"""Every key of an experiment config and its default; other configs change a few.
+
+Not run by itself: `configs/default.py` is the built-in experiment. Keys:
+
+  model       a preset from configs/models.py
+  mesh        sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices
+  rules       logical axis name -> mesh axes
+  data        tokenizer, sequence length, packing, the three domains and pool sizes
+  pretrain    stage 1: D_pre budget, optimizer, early exposure of the D_post pool
+  posttrain   stage 2: optimizer, dropout, replay, early stopping or compute-matched
+  finetune    stage 3: D_ft budget and optimizer
+  sweep       per stage, config keys -> lists of values; the graph is their product
+  eval, ckpt, log   evaluation size and period, checkpoint period, logging period
+"""
+
+import ml_collections as mlc
+
+from configs import models
+
+
+def _optimizer(**kw) -> dict:
+    opt = dict(
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        clip_norm=1.0,
+    )
+    opt.update(kw)
+    return opt
+
+
+def _domain(source: str, name: str) -> dict:
+    # `source`: builtin:NAME | files:GLOB | hf:HUB_ID_OR_DIR | tfds:NAME[:SPLIT] | seqio:TASK
+    # `text`: the field holding the text, or a format string over fields ("{inputs}\n{targets}").
+    return dict(source=source, name=name, text="text", options={})
+
+
+def get_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.model = models.tiny()
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("head_dim", None),
+        ("lora", None),
+        ("length", None),
+    )
+    c.data = dict(
+        tokenizer="byte",  # byte | hf:HUB_ID_OR_DIR | spm:MODEL_FILE
+        seq_len=128,
+        packing="concat",  # concat (concatenate then split) | first_fit (segment ids)
+        cache_dir="",  # '' -> <workdir>/data_cache
+        val_fraction=0.02,  # share of documents (by key hash) held out for validation
+        val_tokens=16_384,  # validation tokens per domain, fixed for every run
+        pre=_domain("builtin:prose", "prose"),
+        post=_domain("builtin:music", "music"),
+        ft=_domain("builtin:chem", "chem"),
+        post_pool_tokens=200_000,  # |D_post|
+        ft_pool_tokens=200_000,  # |D_ft|
+        workers=0,  # grain read threads; 0 reads in the main thread
+    )
+    c.pretrain = dict(
+        tokens=1_000_000,  # D_pre tokens (early exposure adds to or replaces these)
+        batch=16,
+        exposure=dict(
+            lam=0.0,  # fraction of the D_post pool seen in stage 1, each token at most once
+            mode="add",  # add (on top of the D_pre budget) | replace (displaces D_pre)
+            window=(0.0, 1.0),  # fractions of the stage inside which exposure is spread
+        ),
+        **_optimizer(lr=3e-3, min_lr=3e-4, warmup_steps=50),
+    )
+    c.posttrain = dict(
+        batch=16,
+        max_tokens=1_000_000,  # repetition of the pool allowed up to this budget
+        dropout=0.0,  # one rate at embedding, attention, residual and MLP
+        replay=0.0,  # fraction of stage-2 sequences drawn from D_pre
+        compute_matched=False,  # one pass in total: λ in stage 1, the other 1-λ here
+        early_stop=dict(every=50, patience=3, min_delta=0.0),  # every=0 disables it
+        **_optimizer(lr=1e-3, min_lr=5e-5, warmup_steps=20),
+    )
+    c.finetune = dict(
+        tokens=200_000,
+        batch=16,
+        **_optimizer(lr=1e-3, min_lr=0.0, warmup_steps=10),
+    )
+    c.sweep = dict(
+        seed=[0],
+        pretrain={"exposure.lam": [0.0, 1.0]},
+        posttrain={"lr": [1e-3]},
+        finetune={"lr": [1e-4, 1e-3]},
+    )
+    c.eval = dict(batch=32)
+    c.ckpt = dict(every=200)
+    c.log = dict(every=20)
+    return c

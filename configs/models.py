@@ -1,0 +1,68 @@
+r"""Model sizes: the tiny CPU model, SmolLM2-135M and the paper's 1B.
+
+  python -m retention_jax.benchmarks.step --model=configs/models.py:smollm2_135m
+
+`get_config(name)` returns one preset so that any tool taking a config file can take a
+model; experiment configs call the functions directly.
+"""
+
+import ml_collections as mlc
+
+
+def _model(**kw) -> mlc.ConfigDict:
+    c = mlc.ConfigDict(
+        dict(
+            vocab_size=49_152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            d_mlp=1_536,
+            rope_base=100_000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+            init_std=0.02,
+            param_dtype="float32",
+            dtype="float32",  # compute dtype: float32 | bfloat16
+            remat="none",  # none | full | dots
+            scan_layers=True,
+            dropout=dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0),
+            lora=dict(rank=0, alpha=128.0, dropout=0.0, targets=("o", "gate", "up", "down")),
+        )
+    )
+    c.update(kw)
+    return c
+
+
+def smollm2_135m() -> mlc.ConfigDict:
+    """SmolLM2-135M: 134,515,008 parameters."""
+    return _model()
+
+
+def paper_1b() -> mlc.ConfigDict:
+    """The paper's 1B: full multi-head attention, about 1.03B parameters."""
+    return _model(d_model=1_728, n_layers=24, n_heads=27, n_kv_heads=27, d_mlp=4_608)
+
+
+def tiny(vocab_size: int = 512) -> mlc.ConfigDict:
+    """A CPU model for the built-in experiment and the tests (byte tokenizer vocabulary)."""
+    return _model(
+        vocab_size=vocab_size,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        d_mlp=384,
+        rope_base=10_000.0,
+    )
+
+
+PRESETS = {"tiny": tiny, "smollm2_135m": smollm2_135m, "paper_1b": paper_1b}
+
+
+def get_config(name: str = "tiny") -> mlc.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} unknown; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]()

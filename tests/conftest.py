@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices, strict rank promotion, no writes into $HOME."""
+
+import os
+import tempfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_HOME = tempfile.mkdtemp(prefix="retention_jax_home_")
+for _var in ("MPLCONFIGDIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
+    os.environ.setdefault(_var, os.path.join(_HOME, _var.lower()))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    path = os.path.abspath(os.path.join(SHARED_DATA, "smollm2-tokenizer"))
+    if not os.path.isdir(path):
+        pytest.skip(f"SmolLM2 tokenizer files not found at {path}")
+    return path
