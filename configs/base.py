@@ -9,7 +9,7 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
   pretrain    stage 1: D_pre budget, optimizer, early exposure of the D_post pool
   posttrain   stage 2: optimizer, dropout, replay, early stopping or compute-matched
   finetune    stage 3: D_ft budget and optimizer
-  sweep       per stage, config keys -> lists of values; the graph is their product
+  sweep       per stage, (dotted config path, values) pairs; the graph is their product
   eval, ckpt, log   evaluation size and period, checkpoint period, logging period
 """
 
@@ -28,6 +28,7 @@ def _optimizer(**kw) -> dict:
         b2=0.95,
         eps=1e-8,
         clip_norm=1.0,
+        decay_exclude=("norm",),  # parameters whose path names one of these do not decay
     )
     opt.update(kw)
     return opt
@@ -94,11 +95,11 @@ def get_config() -> mlc.ConfigDict:
         batch=16,
         **_optimizer(lr=1e-3, min_lr=0.0, warmup_steps=10),
     )
+    # Per stage: (dotted path from the root, values) pairs; the graph is their product.
     c.sweep = dict(
-        seed=[0],
-        pretrain={"exposure.lam": [0.0, 1.0]},
-        posttrain={"lr": [1e-3]},
-        finetune={"lr": [1e-4, 1e-3]},
+        pretrain=(("seed", (0,)), ("pretrain.exposure.lam", (0.0, 1.0))),
+        posttrain=(("posttrain.lr", (1e-3,)),),
+        finetune=(("finetune.lr", (1e-4, 1e-3)),),
     )
     c.eval = dict(batch=32)
     c.ckpt = dict(every=200)

@@ -1,0 +1,54 @@
+"""The paper's corpora as data-domain configs, and the built-in domains standing for them.
+
+Hub ids are the commonly used ones (the paper names none). ChemPile has several
+configs: set `options.config` to the one you train on.
+"""
+
+REAL = {
+    "c4": dict(source="hf:allenai/c4", name="c4", text="text", options={"config": "en"}),
+    "musicpile": dict(source="hf:m-a-p/MusicPile", name="musicpile", text="text", options={}),
+    "chempile": dict(
+        source="hf:jablonkagroup/chempile-education",
+        name="chempile",
+        text="text",
+        options={"config": ""},
+    ),
+    "flan": dict(source="hf:Muennighoff/flan", name="flan", text="{inputs}\n{targets}", options={}),
+}
+
+# Built-in stand-ins (CPU smoke runs, tests): same roles, no network.
+BUILTIN = {
+    "c4": dict(source="builtin:prose", name="prose", text="text", options={}),
+    "musicpile": dict(source="builtin:music", name="music", text="text", options={}),
+    "chempile": dict(source="builtin:chem", name="chem", text="text", options={}),
+    "flan": dict(source="builtin:instruct", name="instruct", text="text", options={}),
+}
+
+# D_post -> D_ft pipelines of the paper (D_pre is always C4).
+PIPELINES = {
+    "musicpile-chempile": ("musicpile", "chempile"),
+    "musicpile-flan": ("musicpile", "flan"),
+    "flan-chempile": ("flan", "chempile"),
+    "flan-musicpile": ("flan", "musicpile"),
+}
+
+
+def set_pipeline(c, pipeline: str, smoke: bool) -> None:
+    """Fills c.data.pre/.post/.ft for `pipeline`, real corpora or built-in stand-ins."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r} unknown; allowed: {sorted(PIPELINES)}")
+    table = BUILTIN if smoke else REAL
+    post, ft = PIPELINES[pipeline]
+    c.data.pre, c.data.post, c.data.ft = table["c4"], table[post], table[ft]
+
+
+def parse_arg(arg: str, first: tuple[str, ...]) -> tuple[str, bool]:
+    """'NAME' or 'NAME,smoke' -> (NAME, smoke); NAME must be one of `first`."""
+    parts = [p for p in arg.split(",") if p]
+    smoke = "smoke" in parts
+    names = [p for p in parts if p != "smoke"]
+    if len(names) != 1 or names[0] not in first:
+        raise ValueError(
+            f"config argument {arg!r}: expected one of {list(first)}, optionally ',smoke'"
+        )
+    return names[0], smoke

@@ -1,0 +1,90 @@
+"""Orbax checkpoints that branch: params, opt, data iterator and meta as separate items.
+
+A run directory holds one manager (`<run>/ckpt`). Steps are saved at every evaluation
+and every `ckpt.every` steps; the latest step (for resume) and the step with the lowest
+validation loss (the stage's result under early stopping) are preserved. A child stage
+opens its parent's manager read-only and restores `params` alone, into its own mesh.
+"""
+
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+VAL_METRIC = "val_loss"
+
+
+def manager(path: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+    keep = pp.AnyPreservationPolicy(
+        [
+            pp.LatestN(1),
+            pp.BestN(
+                get_metric_fn=lambda m: m[VAL_METRIC],
+                reverse=True,  # keeps the lowest
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    return ocp.CheckpointManager(
+        path,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=keep, read_only=read_only, create=not read_only
+        ),
+    )
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    *,
+    params: Any,
+    opt: Any,
+    data_iter: Any,
+    meta: dict,
+    val_loss: float | None = None,
+) -> None:
+    """Saves one step; `val_loss` ranks it for preservation as a candidate best."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt=ocp.args.StandardSave(opt),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=None if val_loss is None else {VAL_METRIC: val_loss},
+        force=True,
+    )
+
+
+def restore(
+    mngr: ocp.CheckpointManager, step: int, *, params: Any, opt: Any, data_iter: Any
+) -> tuple[Any, Any, dict]:
+    """Restores everything of `step` for resuming; `data_iter` is restored in place."""
+    r = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            opt=ocp.args.StandardRestore(opt),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return r.params, r.opt, r.meta
+
+
+def restore_params(path: str, step: int, target: Any) -> Any:
+    """Parameters alone from a (parent's) checkpoint opened read-only, into `target`'s shardings."""
+    mngr = manager(path, read_only=True)
+    try:
+        return mngr.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        ).params
+    finally:
+        mngr.close()
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

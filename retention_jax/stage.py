@@ -1,0 +1,270 @@
+"""One stage run: resume or branch or initialise, the step loop, early stopping, results.
+
+Restore precedence: this run's own latest checkpoint (a restarted job continues where
+it stopped, bit-identically) → the parent's result parameters (a branch: fresh
+optimizer, schedule and data stream, parent opened read-only, any mesh) → a fresh
+initialisation. The stage's result is the step with the best validation loss under
+early stopping and the last step otherwise; `result.json` is written last and
+atomically, so a run directory holding it is finished and is never run again.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+
+from retention_jax import checkpoint, data, evaluate, perf
+from retention_jax import model as model_lib
+from retention_jax import train as train_lib
+
+STAGES = ("pretrain", "posttrain", "finetune")
+RESULT = "result.json"
+
+
+def model_config(cfg: mlc.ConfigDict, stage: str) -> mlc.ConfigDict:
+    """The model of a stage: stage 2 applies its one dropout rate at all four sites."""
+    m = mlc.ConfigDict(cfg.model.to_dict())
+    if stage == "posttrain":
+        for site in m.dropout:
+            m.dropout[site] = float(cfg.posttrain.dropout)
+    return m
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes through a temporary file and a rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_result(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, RESULT)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class _EarlyStop:
+    """Best validation loss so far and evaluations since it improved."""
+
+    def __init__(self, patience: int, min_delta: float, state: dict | None = None):
+        self.patience, self.min_delta = patience, min_delta
+        s = state or {"best": math.inf, "best_step": 0, "bad": 0}
+        self.best, self.best_step, self.bad = s["best"], s["best_step"], s["bad"]
+
+    def update(self, step: int, loss: float) -> bool:
+        """Records an evaluation; True when training should stop."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+        else:
+            self.bad += 1
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+
+class _Log:
+    """JSONL metrics always, clu/TensorBoard when TensorFlow is installed; process 0 only."""
+
+    def __init__(self, run_dir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if self.enabled:
+            try:
+                from clu import metric_writers  # imports TensorFlow
+
+                self.writer = metric_writers.create_default_writer(run_dir, asynchronous=False)
+            except ImportError:
+                pass
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            self.writer.write_scalars(step, scalars)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(
+            f"non-finite metrics at step {step}: {metrics}; the last checkpoint is kept"
+        )
+
+
+def run(
+    stage: str,
+    cfg: mlc.ConfigDict,
+    run_dir: str,
+    corpus: Any,
+    mesh: jax.sharding.Mesh,
+    parent: tuple[str, int] | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """Runs (or finishes) one stage in `run_dir` and returns its result.
+
+    `parent` is (parent run directory, its result step) for a branched stage; `meta`
+    is lineage recorded in every checkpoint (ids, config hash).
+    """
+    done = read_result(run_dir)
+    if done is not None:
+        return done
+    os.makedirs(run_dir, exist_ok=True)
+    wall_start = time.perf_counter()
+    sc = cfg[stage]
+    plan = data.plan(stage, cfg)
+    mcfg = model_config(cfg, stage)
+    steps = train_lib.steps_for(mcfg, sc, mesh, cfg.rules)
+    rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), STAGES.index(stage))
+    it = data.loader(
+        corpus, plan, cfg, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    mngr = checkpoint.manager(os.path.join(run_dir, "ckpt"))
+    shapes = steps.state_shapes
+    es_cfg = sc.get("early_stop", mlc.ConfigDict({"every": 0, "patience": 0, "min_delta": 0.0}))
+    early = stage == "posttrain" and es_cfg.every > 0 and not cfg.posttrain.compute_matched
+    progress = {"tokens": [0] * len(data.DOMAINS), "evals": [], "early_stop": None}
+
+    latest = mngr.latest_step()
+    if latest is not None:  # resume this run
+        params, opt, saved = checkpoint.restore(
+            mngr, latest, params=shapes.params, opt=_opt_item(shapes), data_iter=it
+        )
+        state = train_lib.TrainState(opt["step"], params, opt["opt"], opt["hp"])
+        progress = {k: saved[k] for k in progress}
+        logging.warning("%s: resumed at step %d", run_dir, latest)
+    else:
+        if parent is not None:  # branch: parameters only
+            params = checkpoint.restore_params(
+                os.path.join(parent[0], "ckpt"), parent[1], shapes.params
+            )
+        else:
+            params = nnx.state(model_lib.create(mcfg, mesh, cfg.rules, cfg.seed))
+        state = train_lib.init_state(steps, params, sc, plan.num_steps)
+    stopper = _EarlyStop(es_cfg.patience, es_cfg.min_delta, progress["early_stop"])
+
+    batch_shapes = _batch_shapes(plan, steps)
+    exe, compile_s = steps.compile_train(batch_shapes)
+    log = _Log(run_dir)
+    flops = model_lib.flops_per_token(mcfg, plan.seq_len)
+    peak, _ = _PEAK.setdefault("peak", perf.peak_flops(dtype=mcfg.dtype))
+    step = int(jax.device_get(state.step))
+    pending, stopped = None, False
+    t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
+
+    def save(val_loss=None):
+        checkpoint.save(
+            mngr,
+            step,
+            params=state.params,
+            opt=_opt_item(state),
+            data_iter=it,
+            meta={**(meta or {}), **progress, "early_stop": stopper.state(), "stage": stage},
+            val_loss=val_loss,
+        )
+
+    while step < plan.num_steps and not stopped:
+        host = next(it)
+        counts = data.tokens_by_domain(host)
+        batch = data.to_global(host, mesh, steps.batch_sharding.spec)
+        state, metrics = exe(state, batch, rng)
+        step += 1
+        progress["tokens"] = [a + int(b) for a, b in zip(progress["tokens"], counts)]
+        if pending is not None:  # the previous step's metrics: no wait on this one
+            _report(log, *pending, t_mark, tokens_mark, progress, flops, peak, plan, run_dir)
+            t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
+            pending = None
+        due_eval = early and (step % es_cfg.every == 0 or step == plan.num_steps)
+        if step % cfg.log.every == 0 or step == plan.num_steps or due_eval:
+            pending = (step, metrics)
+        if due_eval:
+            _check_finite(step, jax.device_get(metrics))
+            val = evaluate.losses(steps, state.params, corpus, ("post",), cfg.eval.batch)["post"]
+            progress["evals"].append([step, val])
+            stopped = stopper.update(step, val)
+            log.write(step, {"val/post": val})
+            save(val_loss=val)
+        elif step % cfg.ckpt.every == 0 and step < plan.num_steps:
+            _check_finite(step, jax.device_get(metrics))
+            save()
+    if pending is not None:
+        _report(log, *pending, t_mark, tokens_mark, progress, flops, peak, plan, run_dir)
+    if mngr.latest_step() != step:
+        if pending is not None:
+            _check_finite(step, jax.device_get(pending[1]))
+        save()
+    mngr.wait_until_finished()
+
+    result_step = stopper.best_step if early and progress["evals"] else step
+    params = state.params
+    if result_step != step:
+        params = checkpoint.restore_params(
+            os.path.join(run_dir, "ckpt"), result_step, shapes.params
+        )
+    val = evaluate.losses(steps, params, corpus, data.DOMAINS, cfg.eval.batch)
+    mngr.close()
+    log.close()
+    result = {
+        "stage": stage,
+        "steps": step,
+        "planned_steps": plan.num_steps,
+        "result_step": result_step,
+        "stopped_early": stopped,
+        "val": val,
+        "tokens": dict(zip(data.DOMAINS, progress["tokens"])),
+        "planned_tokens": plan.tokens,
+        "evals": progress["evals"],
+        "compile_s": compile_s,
+        "wall_s": time.perf_counter() - wall_start,
+    }
+    if jax.process_index() == 0:
+        write_json(os.path.join(run_dir, RESULT), result)
+    return result
+
+
+_PEAK: dict = {}
+
+
+def _opt_item(state: train_lib.TrainState) -> dict:
+    return {"step": state.step, "opt": state.opt, "hp": state.hp}
+
+
+def _batch_shapes(plan, steps: train_lib.Steps) -> dict:
+    shape = (plan.batch, plan.seq_len)
+    return {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=steps.batch_sharding)
+        for k in ("inputs", "targets", "segment_ids", "positions")
+    }
+
+
+def _report(log, step, metrics, t_mark, tokens_mark, progress, flops, peak, plan, run_dir):
+    """Logs a step's metrics and throughput since the last report; one progress line."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, m)
+    seconds = time.perf_counter() - t_mark
+    m.update(perf.throughput(sum(progress["tokens"]) - tokens_mark, seconds, flops, peak))
+    log.write(step, m)
+    eta = (plan.num_steps - step) * plan.batch * plan.seq_len / max(m["tokens_per_s"], 1e-9)
+    if log.enabled:
+        print(
+            f"{os.path.basename(run_dir)} step {step}/{plan.num_steps} loss {m['loss']:.4f} "
+            f"{m['tokens_per_s']:,.0f} tok/s MFU {m['mfu']:.1%} ETA {eta:.0f}s",
+            flush=True,
+        )
