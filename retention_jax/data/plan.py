@@ -1,0 +1,203 @@
+"""Stage plans: exact token budgets and the stream order as a pure index map.
+
+Rounding unit: whole sequences. A sequence is seq_len target tokens (concat packing:
+a chunk of seq_len+1 tokens, inputs = chunk[:-1], targets = chunk[1:]; first-fit: one
+packed row of seq_len slots). Pools and budgets are floored to whole sequences
+(P = post_pool_tokens // seq_len, ...), and the λ part is round_half_up(λ·P) sequences,
+so "exactly round(λ·N) tokens" holds in units of seq_len.
+
+The stream of a stage is slots 0..num_steps*batch-1; batch k holds slots
+[k*batch, (k+1)*batch). Each slot maps to (domain id, sequence index in that domain's
+train store) by `StagePlan.lookup`, a pure function of (seed, stage, slot):
+
+  pretrain   Q = pretrain.tokens // seq_len D_pre sequences, each once, in a seeded
+             permutation. Early exposure: E = round(λ·P) D_post pool sequences, the
+             first E of a seeded pool permutation (so exposed sets are nested in λ),
+             each once, on evenly spaced slots: slot_k = w0 + floor((2k+1)·W / 2E)
+             inside the window [w0, w0+W) of the stage. "add": Q + E slots;
+             "replace": Q slots, E of them D_post.
+  posttrain  num_steps = max_tokens // (batch·seq_len); D_post pool in epochs, a new
+             seeded permutation per epoch. Replay: R = round(r·slots) slots, evenly
+             spaced, drawn from the Q stage-1 D_pre sequences (seen data, in epochs of
+             their own permutation). Compute-matched: the pool permutation's other
+             P − E sequences, a single pass; R = round(r·(P−E)/(1−r)); the last
+             partial batch is padded (domain −1, segment ids 0), so the count is exact;
+             λ = 1 gives 0 steps.
+  finetune   K = finetune.tokens // seq_len sequences of the D_ft pool (F sequences),
+             in epochs of seeded permutations, last partial batch padded.
+
+Seeds: every permutation key is derive_key(cfg.seed, purpose...) with the stage name
+(or "pool" for the pool split shared by stages 1 and 2) folded in.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from retention_jax.data import checks
+from retention_jax.data.checks import DOMAINS, get, round_half_up
+from retention_jax.data.permute import derive_key, epoch_permute, permute
+
+PRE, POST, FT = 0, 1, 2
+PAD = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Ranks 0..count-1 of one domain in a stage -> sequence index in its store."""
+
+    domain: int
+    count: int
+    kind: str  # "epochs" (seeded permutation per epoch over n) | "pool" (pool perm from offset)
+    n: int
+    key: int
+    offset: int = 0
+
+    def map(self, rank: np.ndarray) -> np.ndarray:
+        if self.kind == "epochs":
+            return epoch_permute(rank, self.n, self.key)
+        return permute(rank + self.offset, self.n, self.key)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    num_steps: int
+    batch: int
+    seq_len: int
+    tokens: dict  # domain name -> planned target tokens (upper bound for first-fit rows)
+    sequences: dict  # domain name -> sequences
+    needs: dict  # domain name -> train sequences the store must hold
+    main: Part
+    special: Part | None = None  # exposure (stage 1) or replay (stage 2)
+    special_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    packing: str = "concat"
+
+    @property
+    def slots(self) -> int:
+        """Real (non-padding) slots; the stream has num_steps*batch >= slots."""
+        return self.main.count + (self.special.count if self.special else 0)
+
+    def lookup(self, stream_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots -> (domain id, sequence index in the domain's train store); padding -> (-1, -1)."""
+        t = np.asarray(stream_idx, dtype=np.int64)
+        dom = np.full(t.shape, PAD, np.int32)
+        seq = np.full(t.shape, -1, np.int64)
+        real = (t >= 0) & (t < self.slots)
+        c = np.searchsorted(self.special_slots, t, side="left")
+        ns = len(self.special_slots)
+        is_sp = (
+            real & (c < ns) & (self.special_slots[np.minimum(c, max(ns - 1, 0))] == t)
+            if ns
+            else real & False
+        )
+        is_main = real & ~is_sp
+        if is_main.any():
+            dom[is_main] = self.main.domain
+            seq[is_main] = self.main.map(t[is_main] - c[is_main])
+        if is_sp.any():
+            dom[is_sp] = self.special.domain
+            seq[is_sp] = self.special.map(c[is_sp])
+        return dom, seq
+
+    def summary(self) -> dict:
+        return json.loads(
+            json.dumps(
+                dict(
+                    stage=self.stage,
+                    num_steps=self.num_steps,
+                    batch=self.batch,
+                    seq_len=self.seq_len,
+                    packing=self.packing,
+                    tokens=self.tokens,
+                    sequences=self.sequences,
+                    padding_rows=self.num_steps * self.batch - self.slots,
+                )
+            )
+        )
+
+
+def _even_slots(count: int, start: int, width: int) -> np.ndarray:
+    k = np.arange(count, dtype=np.int64)
+    return start + ((2 * k + 1) * width) // (2 * count) if count else k
+
+
+def _counts(cfg):
+    s = int(get(cfg, "data.seq_len"))
+    q = int(get(cfg, "pretrain.tokens")) // s
+    p = int(get(cfg, "data.post_pool_tokens")) // s
+    f = int(get(cfg, "data.ft_pool_tokens")) // s
+    e = round_half_up(float(get(cfg, "pretrain.exposure.lam")) * p)
+    return s, q, p, f, e
+
+
+def _finish(stage, cfg, batch, main, special=None, slots=None, steps=None) -> StagePlan:
+    s = int(get(cfg, "data.seq_len"))
+    parts = [main] + ([special] if special is not None and special.count else [])
+    seqs = {d: 0 for d in DOMAINS}
+    needs = {d: 0 for d in DOMAINS}
+    for p in parts:
+        seqs[DOMAINS[p.domain]] += p.count
+        if p.count:
+            needs[DOMAINS[p.domain]] = max(needs[DOMAINS[p.domain]], p.n)
+    total = sum(p.count for p in parts)
+    if steps is None:
+        steps = -(-total // batch)
+    return StagePlan(
+        stage=stage,
+        num_steps=int(steps),
+        batch=batch,
+        seq_len=s,
+        tokens={d: n * s for d, n in seqs.items()},
+        sequences=seqs,
+        needs=needs,
+        main=main,
+        special=special if special is not None and special.count else None,
+        special_slots=slots
+        if slots is not None and special is not None and special.count
+        else np.zeros(0, np.int64),
+        packing=str(get(cfg, "data.packing")),
+    )
+
+
+def plan(stage: str, cfg) -> StagePlan:
+    """The plan of `stage` for one experiment node (cfg.pretrain.exposure.lam is its λ)."""
+    if stage not in checks.STAGES:
+        raise ValueError(f"stage={stage!r}: allowed {list(checks.STAGES)}")
+    checks.validate(cfg)
+    seed = int(get(cfg, "seed"))
+    s, q, p, f, e = _counts(cfg)
+    pool_key = derive_key(seed, "pool")
+    if stage == "pretrain":
+        batch = int(get(cfg, "pretrain.batch"))
+        mode = get(cfg, "pretrain.exposure.mode")
+        total = q + e if mode == "add" else q
+        a, b = (float(x) for x in get(cfg, "pretrain.exposure.window"))
+        w0, w1 = int(a * total), int(b * total)
+        main = Part(PRE, total - e, "epochs", q, derive_key(seed, stage, "pre"))
+        special = Part(POST, e, "pool", p, pool_key, 0) if e else None
+        return _finish(stage, cfg, batch, main, special, _even_slots(e, w0, w1 - w0))
+    if stage == "posttrain":
+        batch = int(get(cfg, "posttrain.batch"))
+        r = float(get(cfg, "posttrain.replay"))
+        if get(cfg, "posttrain.compute_matched"):
+            left = p - e
+            n_replay = round_half_up(r * left / (1 - r)) if left else 0
+            main = Part(POST, left, "pool", p, pool_key, e)
+            steps = None
+        else:
+            steps = int(get(cfg, "posttrain.max_tokens")) // (batch * s)
+            total = steps * batch
+            n_replay = round_half_up(r * total)
+            main = Part(POST, total - n_replay, "epochs", p, derive_key(seed, stage, "post"))
+        total = main.count + n_replay
+        special = (
+            Part(PRE, n_replay, "epochs", q, derive_key(seed, stage, "replay"))
+            if n_replay
+            else None
+        )
+        return _finish(stage, cfg, batch, main, special, _even_slots(n_replay, 0, total), steps)
+    batch = int(get(cfg, "finetune.batch"))
+    k = int(get(cfg, "finetune.tokens")) // s
+    return _finish(stage, cfg, batch, Part(FT, k, "epochs", f, derive_key(seed, stage, "ft")))
