@@ -1,0 +1,211 @@
+"""The paper's figures from results rows: frontiers (Fig. 2), λ sweeps (Fig. 3), methods (Fig. 4).
+
+Each `draw_*` returns a matplotlib Figure (not registered with pyplot, so nothing leaks or
+shows twice in a notebook); `draw_all` writes the ones the rows support as PNG and PDF.
+"""
+
+import io
+import os
+from collections import defaultdict
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from retention_jax.analysis import frontier, paper, report, results
+from retention_jax.analysis.results import method, pipeline
+
+PLAIN = ("unmixed", "mixed")
+_COLORS = {
+    "unmixed": "tab:gray",
+    "mixed": "tab:blue",
+    "mixed+dropout": "tab:green",
+    "mixed+replay": "tab:orange",
+    "mixed+dropout+replay": "tab:purple",
+    "unmixed+dropout": "olivedrab",
+    "unmixed+replay": "peru",
+}
+_PALETTE = ("tab:red", "tab:brown", "tab:pink", "tab:cyan", "tab:olive")
+_AFTER = {"L_im": "post-training", "L_ret": "fine-tuning", "L_ft": "fine-tuning"}
+_DOMAIN = {"L_im": "d_post", "L_ret": "d_post", "L_ft": "d_ft", "L_pre": "d_pre"}
+
+
+def label(loss: str, row: dict) -> str:
+    """Axis label naming the loss, its domain and when it is measured."""
+    return f"{loss}: {row.get(_DOMAIN[loss], '?')} loss after {_AFTER.get(loss, 'fine-tuning')}"
+
+
+def _tokens(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    """Methods present, in Fig. 4's order (unmixed, mixed, +dropout, +replay, others)."""
+    order = list(_COLORS)
+    return sorted(
+        {method(r) for r in rows},
+        key=lambda m: (order.index(m), m) if m in order else (len(order), m),
+    )
+
+
+def _color(name: str, order: list[str]) -> str:
+    return _COLORS.get(name) or _PALETTE[order.index(name) % len(_PALETTE)]
+
+
+def _frontier_panel(ax, rows: list[dict], view: tuple[str, str], methods: list[str]) -> None:
+    """Every leaf as a point; each method's frontier as its staircase (seed mean ± 95% CI)."""
+    for name in methods:
+        mine = [r for r in rows if method(r) == name]
+        if not mine:
+            continue
+        color = _color(name, methods)
+        xy = report.points(mine, view)
+        ax.scatter(xy[:, 0], xy[:, 1], s=16, alpha=0.5, color=color, label=name)
+        seeds = sorted({r.get("seed", 0) for r in mine})
+        if len(seeds) == 1:
+            front = frontier.pareto_front(xy)
+            ax.step(front[:, 0], front[:, 1], where="post", color=color, lw=2)
+            continue
+        per_seed = [report.points([r for r in mine if r.get("seed", 0) == s], view) for s in seeds]
+        xs = np.linspace(xy[:, 0].min(), xy[:, 0].max(), 200)
+        mean, half = frontier.band(per_seed, xs)
+        ax.plot(xs, mean, color=color, lw=2, drawstyle="steps-post")
+        ax.fill_between(xs, mean - half, mean + half, color=color, alpha=0.15, lw=0, step="post")
+    ax.set_xlabel(label(view[0], rows[0]))
+    ax.set_ylabel(label(view[1], rows[0]))
+    ax.grid(alpha=0.3)
+
+
+def _by_pipeline(rows: list[dict]) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for r in rows:
+        out[pipeline(r)].append(r)
+    return dict(sorted(out.items()))
+
+
+def _not_compute_matched(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("compute_matched", False)]
+
+
+def draw_frontiers(rows: list[dict], methods: list[str] | None = None) -> Figure:
+    """Fig. 2: per pipeline, (L_ft, L_ret) and (L_ret, L_pre), points and Pareto frontiers.
+
+    `methods` defaults to unmixed and mixed (those present); compute-matched rows are left out.
+    """
+    rows = _not_compute_matched(rows)
+    present = _methods(rows)
+    methods = methods or [m for m in PLAIN if m in present] or present
+    pipes = _by_pipeline([r for r in rows if method(r) in methods])
+    fig = Figure(figsize=(11, 4.2 * len(pipes)), layout="constrained")
+    axes = fig.subplots(len(pipes), len(report.VIEWS), squeeze=False)
+    for (pipe, mine), row_axes in zip(pipes.items(), axes, strict=True):
+        for ax, view in zip(row_axes, report.VIEWS, strict=True):
+            _frontier_panel(ax, mine, view, methods)
+            ax.set_title(f"{pipe} (D_pre {mine[0].get('d_pre', '?')}): lower-left is better")
+        row_axes[0].legend(fontsize=8)
+    return fig
+
+
+def draw_methods(rows: list[dict]) -> Figure:
+    """Fig. 4: per pipeline, x = L_ret and y = L_ft for every (non compute-matched) method."""
+    rows = _not_compute_matched(rows)
+    methods = _methods(rows)
+    pipes = _by_pipeline(rows)
+    fig = Figure(figsize=(5.5 * len(pipes), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(pipes), squeeze=False)[0]
+    for ax, (pipe, mine) in zip(axes, pipes.items(), strict=True):
+        _frontier_panel(ax, mine, ("L_ret", "L_ft"), methods)
+        ax.set_title(f"{pipe}: methods (lower-left is better)")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def draw_lambda(
+    rows: list[dict], reference: str | None = None, ft_lr: float | None = None
+) -> Figure:
+    """Fig. 3: per setting (added, compute-matched), L_im and L_ret against λ.
+
+    One line per |D_post| pool, a star at each line's best λ; rows of one pipeline. The
+    points are chosen as `report.lambda_curves` documents. reference="paper" overlays the
+    paper's 135M numbers (dashed).
+    """
+    curves = report.lambda_curves(rows, ft_lr)
+    ref = report.lambda_curves(paper.rows()) if reference == "paper" else {}
+    settings = sorted({cm for cm, _ in curves})
+    fig = Figure(figsize=(11, 4.2 * len(settings)), layout="constrained")
+    axes = fig.subplots(len(settings), 2, squeeze=False)
+    lr = report.reference_ft_lr(rows) if ft_lr is None else ft_lr
+    for cm, row_axes in zip(settings, axes, strict=True):
+        setting = "compute-matched" if cm else "added"
+        for ax, (k, loss) in zip(row_axes, ((1, "L_im"), (2, "L_ret")), strict=True):
+            for pool, curve in ((p, c) for (c_m, p), c in curves.items() if c_m == cm):
+                lam, y = [c[0] for c in curve], [c[k] for c in curve]
+                (line,) = ax.plot(lam, y, "o-", label=f"|D_post| = {_tokens(pool)}")
+                best = int(np.argmin(y))
+                ax.scatter([lam[best]], [y[best]], marker="*", s=220, color=line.get_color())
+            for pool, curve in ((p, c) for (c_m, p), c in ref.items() if c_m == cm):
+                ax.plot(
+                    [c[0] for c in curve],
+                    [c[k] for c in curve],
+                    "x--",
+                    color="k",
+                    alpha=0.3 + 0.7 * pool / 300e6,
+                    label=f"paper 135M, {_tokens(pool)}",
+                )
+            ax.set_xlabel("λ (share of D_post seen in pretraining)")
+            ax.set_ylabel(label(loss, rows[0]))
+            ax.set_title(f"{pipeline(rows[0])}, {setting}, stage-3 LR {lr:g}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        from etils import epath
+    except ImportError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+
+
+def save(fig: Figure, path_without_ext: str) -> list[str]:
+    """Writes `fig` as PNG and PDF (local or gs://); returns the paths."""
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150)
+        paths.append(f"{path_without_ext}.{ext}")
+        _write(paths[-1], buf.getvalue())
+    return paths
+
+
+def draw_all(
+    workdir: str, rows: list[dict] | None = None, reference: str | None = None
+) -> list[str]:
+    """Draws into <workdir>/figures whatever the rows support; returns the paths written.
+
+    frontiers: any non compute-matched row; methods: some method beyond unmixed/mixed;
+    lambda_<pipeline>: a setting with at least two λ values.
+    """
+    rows = results.load(workdir) if rows is None else rows
+    out = os.path.join(str(workdir), "figures")
+    paths = []
+    plain = _not_compute_matched(rows)
+    if plain:
+        paths += save(draw_frontiers(plain), os.path.join(out, "frontiers"))
+    if set(_methods(plain)) - set(PLAIN):
+        paths += save(draw_methods(plain), os.path.join(out, "methods"))
+    for pipe, mine in _by_pipeline(rows).items():
+        if any(len(c) >= 2 for c in report.lambda_curves(mine).values()):
+            name = "lambda_" + pipe.replace("->", "-")
+            paths += save(draw_lambda(mine, reference), os.path.join(out, name))
+    return paths

@@ -1,0 +1,48 @@
+"""Reading `<workdir>/results.jsonl` (one JSON object per fine-tuned leaf) and naming methods.
+
+Dependency-free on purpose: the experiment module imports `method_of` to fill "method".
+"""
+
+import json
+import os
+
+LOSSES = ("L_im", "L_ret", "L_ft", "L_pre")
+COMPUTE_MATCHED = " (compute-matched)"
+
+
+def _read_text(path: str) -> str:
+    try:
+        from etils import epath
+    except ImportError:  # plain files only
+        with open(path) as f:
+            return f.read()
+    return epath.Path(path).read_text()
+
+
+def load(workdir_or_path: str) -> list[dict]:
+    """Rows of a results.jsonl, given the file or the work directory holding it."""
+    path = str(workdir_or_path)
+    if not path.endswith(".jsonl"):
+        path = os.path.join(path, "results.jsonl")  # also joins gs:// paths correctly
+    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+
+
+def method_of(row: dict) -> str:
+    """'unmixed' (lam == 0) or 'mixed', then '+dropout', '+replay', ' (compute-matched)'."""
+    name = "mixed" if row.get("lam", 0.0) > 0 else "unmixed"
+    if row.get("dropout", 0.0) > 0:
+        name += "+dropout"
+    if row.get("replay", 0.0) > 0:
+        name += "+replay"
+    if row.get("compute_matched", False):
+        name += COMPUTE_MATCHED
+    return name
+
+
+def method(row: dict) -> str:
+    """The row's recorded method, or the one `method_of` gives it."""
+    return row.get("method") or method_of(row)
+
+
+def pipeline(row: dict) -> str:
+    return row.get("pipeline") or f"{row['d_post']}->{row['d_ft']}"
