@@ -122,6 +122,7 @@ def plan_table(nodes: list[Node]) -> str:
 def _check_identity(run_dir: str, record: dict) -> None:
     """Refuses a run directory written under a different config; names the keys."""
     path = os.path.join(run_dir, "config.json")
+    record = json.loads(json.dumps(record, default=str))  # tuples -> lists, as stored
     if not os.path.exists(path):
         os.makedirs(run_dir, exist_ok=True)
         stage.write_json(path, record)

@@ -25,3 +25,14 @@ def tokenizer_dir() -> str:
     if not os.path.isdir(path):
         pytest.skip(f"SmolLM2 tokenizer files not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory) -> str:
+    """A finished `configs/default.py:smoke` experiment (shared by the tests that read one)."""
+    from configs import default
+    from retention_jax import experiment
+
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    experiment.run(default.get_config("smoke"), workdir)
+    return workdir

@@ -1,0 +1,214 @@
+"""The experiment graph end to end: results, skipping, branching, resume, early stopping."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from retention_jax import checkpoint, data, experiment, stage
+from retention_jax import train as train_lib
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, experiment.RESULTS)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _tiny(**sweep):
+    """A one-leaf graph for the resume and branch tests (seconds, same shapes as smoke)."""
+    c = default.get_config("smoke")
+    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (sweep.get("lam", 0.0),)))
+    c.sweep.posttrain = (("posttrain.lr", (1e-3,)),)
+    c.sweep.finetune = (("finetune.lr", (1e-3,)),)
+    c.pretrain.tokens = 32_768
+    c.ckpt.every = 4
+    return c
+
+
+@pytest.mark.slow
+def test_smoke_graph_results_and_rerun_trains_nothing(smoke_workdir):
+    rows = _rows(smoke_workdir)
+    nodes = experiment.expand(default.get_config("smoke"))
+    leaves = [n for n in nodes if n.stage == "finetune"]
+    assert len(rows) == len(leaves) == 4
+    assert {r["run_id"] for r in rows} == {n.id for n in leaves}
+    for r in rows:
+        for k in ("L_im", "L_ret", "L_ft", "L_pre"):
+            assert np.isfinite(r[k]) and 0 < r[k] < 7
+        assert r["tokens"]["finetune"] == {"pre": 0, "post": 0, "ft": 16_384}
+        lam = r["lam"]
+        assert r["tokens"]["pretrain"] == {"pre": 65_536, "post": int(lam * 16_384), "ft": 0}
+    assert {r["method"] for r in rows} == {"mixed", "unmixed"}
+
+    stamps = {
+        n.id: os.path.getmtime(os.path.join(smoke_workdir, "runs", n.id, stage.RESULT))
+        for n in nodes
+    }
+    compiles = train_lib.COMPILES["train"]
+    again = experiment.run(default.get_config("smoke"), smoke_workdir)
+    assert train_lib.COMPILES["train"] == compiles  # nothing was compiled, so nothing trained
+    assert stamps == {
+        n.id: os.path.getmtime(os.path.join(smoke_workdir, "runs", n.id, stage.RESULT))
+        for n in nodes
+    }
+    assert again == rows
+
+
+@pytest.mark.slow
+def test_smoke_early_stopping_result_is_best_eval(smoke_workdir):
+    c = default.get_config("smoke")
+    for n in experiment.expand(c):
+        if n.stage != "posttrain":
+            continue
+        r = stage.read_result(os.path.join(smoke_workdir, "runs", n.id))
+        steps, losses = zip(*r["evals"])
+        assert list(steps) == list(range(8, r["steps"] + 1, 8))
+        assert r["result_step"] == steps[int(np.argmin(losses))]
+        if r["stopped_early"]:
+            after = len(steps) - 1 - int(np.argmin(losses))
+            assert after == c.posttrain.early_stop.patience
+
+
+def test_early_stop_rule():
+    es = stage._EarlyStop(patience=2, min_delta=0.01)
+    decisions = [es.update(s, v) for s, v in [(10, 3.0), (20, 2.0), (30, 1.995), (40, 2.5)]]
+    assert decisions == [False, False, False, True]  # 1.995 is within min_delta: no gain
+    assert (es.best, es.best_step, es.bad) == (2.0, 20, 2)
+    never = stage._EarlyStop(patience=0, min_delta=0.0)
+    assert not any(never.update(s, 5.0) for s in range(10))
+
+
+def test_dry_run_lists_nodes_and_budgets(capsys):
+    experiment.run(default.get_config("smoke"), "/nonexistent", dry_run=True)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.split()[0].split("-")[0] in stage.STAGES]
+    assert [line.split("-")[0] for line in lines] == ["pretrain"] * 2 + ["posttrain"] * 2 + [
+        "finetune"
+    ] * 4
+    lam1 = next(line for line in lines if '"pretrain.exposure.lam": 1.0' in line)
+    assert lam1.split()[2:6] == ["40", "65,536", "16,384", "0"]  # steps, pre, post, ft tokens
+    lam0 = next(line for line in lines if '"pretrain.exposure.lam": 0.0' in line)
+    assert lam0.split()[2:6] == ["32", "65,536", "0", "0"]
+    assert "8 nodes" in out
+    assert not os.path.exists("/nonexistent")
+
+
+def test_branch_starts_from_parent_params_with_fresh_optimizer(tmp_path, monkeypatch):
+    seen = []
+    original = train_lib.init_state
+
+    def spy(steps, params, opt, total_steps):
+        state = original(steps, params, opt, total_steps)
+        seen.append(jax.device_get((params, state.opt, state.step)))
+        return state
+
+    monkeypatch.setattr(train_lib, "init_state", spy)
+    c = _tiny()
+    c.sweep.posttrain = (("posttrain.lr", (1e-3,)),)
+    pre, post, _ = experiment.expand(c)
+    experiment.run(c, str(tmp_path), only="pretrain")
+    experiment.run(c, str(tmp_path), only="posttrain")
+    parent = stage.read_result(str(tmp_path / "runs" / pre.id))
+    shapes = train_lib.steps_for(
+        stage.model_config(c, "pretrain"), c.pretrain, _mesh(c), c.rules
+    ).state_shapes.params
+    parent_params = jax.device_get(
+        checkpoint.restore_params(
+            str(tmp_path / "runs" / pre.id / "ckpt"), parent["result_step"], shapes
+        )
+    )
+    params, opt, step = seen[-1]
+    assert int(step) == 0
+    jax.tree.map(np.testing.assert_array_equal, params, parent_params)
+    adam = opt[1]
+    assert int(adam.count) == 0
+    assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves((adam.mu, adam.nu)))
+    meta = json.load(open(tmp_path / "runs" / post.id / "config.json"))
+    assert meta["identity"]["parent"] == pre.id
+
+
+def _mesh(c):
+    from retention_jax import sharding
+
+    return sharding.make_mesh(c.mesh)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch):
+    c = _tiny()
+    clean = str(tmp_path / "clean")
+    experiment.run(c, clean, only="pretrain")
+
+    killed = str(tmp_path / "killed")
+    original = train_lib.Steps.compile_train
+
+    def dying(self, batch_shapes):
+        exe, seconds = original(self, batch_shapes)
+        calls = {"n": 0}
+
+        def step(*args):
+            calls["n"] += 1
+            if calls["n"] > 6:  # after the checkpoint at step 4
+                raise _Killed()
+            return exe(*args)
+
+        return step, seconds
+
+    monkeypatch.setattr(train_lib.Steps, "compile_train", dying)
+    with pytest.raises(_Killed):
+        experiment.run(c, killed, only="pretrain")
+    monkeypatch.undo()
+    (pre,) = [n for n in experiment.expand(c) if n.stage == "pretrain"]
+    assert stage.read_result(os.path.join(killed, "runs", pre.id)) is None
+    assert checkpoint.manager(os.path.join(killed, "runs", pre.id, "ckpt")).latest_step() == 4
+
+    experiment.run(c, killed, only="pretrain")
+    a = stage.read_result(os.path.join(clean, "runs", pre.id))
+    b = stage.read_result(os.path.join(killed, "runs", pre.id))
+    assert a["val"] == b["val"] and a["tokens"] == b["tokens"] and a["steps"] == b["steps"]
+    shapes = train_lib.steps_for(c.model, c.pretrain, _mesh(c), c.rules).state_shapes.params
+    pa, pb = (
+        jax.device_get(
+            checkpoint.restore_params(os.path.join(w, "runs", pre.id, "ckpt"), a["steps"], shapes)
+        )
+        for w in (clean, killed)
+    )
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_changed_config_under_existing_id_is_refused(tmp_path):
+    c = _tiny()
+    (pre,) = [n for n in experiment.expand(c) if n.stage == "pretrain"]
+    run_dir = tmp_path / "runs" / pre.id
+    run_dir.mkdir(parents=True)
+    record = {"identity": pre.identity, "data_fingerprint": "another corpus"}
+    record["identity"]["pretrain"]["lr"] = 0.5
+    (run_dir / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"keys: data_fingerprint, identity\.pretrain\.lr"):
+        experiment.run(c, str(tmp_path), only=pre.id)
+
+
+def test_select_nodes():
+    nodes = experiment.expand(default.get_config("smoke"))
+    assert len(experiment.select(nodes, "finetune")) == 4
+    assert experiment.select(nodes, nodes[3].id[:14]) == [nodes[3]]
+    with pytest.raises(ValueError, match="matches no node"):
+        experiment.select(nodes, "nothing")
+
+
+def test_ids_are_content_addressed():
+    a = experiment.expand(default.get_config("smoke"))
+    b = experiment.expand(default.get_config("smoke"))
+    assert [n.id for n in a] == [n.id for n in b]
+    c = default.get_config("smoke")
+    c.finetune.tokens = 8_192
+    d = experiment.expand(c)
+    assert [n.id for n in d[:4]] == [n.id for n in a[:4]]  # upstream nodes are shared
+    assert {n.id for n in d[4:]}.isdisjoint({n.id for n in a[4:]})
+    assert len(data.DOMAINS) == 3
