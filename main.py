@@ -26,8 +26,7 @@ def main(argv):
     rows = experiment.run(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value, only=_ONLY.value)
     if rows:
         print(report.table(rows))
-        for pipeline, views in report.compare(rows).items():
-            print(pipeline, views)
+        print(report.format_compare(report.compare(rows)))
         for path in figures.draw_all(_WORKDIR.value):
             print("figure:", path)
 

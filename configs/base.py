@@ -61,7 +61,7 @@ def get_config() -> mlc.ConfigDict:
         tokenizer="byte",  # byte | hf:HUB_ID_OR_DIR | spm:MODEL_FILE
         seq_len=128,
         packing="concat",  # concat (concatenate then split) | first_fit (segment ids)
-        cache_dir="",  # '' -> <workdir>/data_cache
+        cache_dir="",  # '' -> <workdir>/data_cache, or ~/.cache/retention_jax/data_cache for gs://
         val_fraction=0.02,  # share of documents (by key hash) held out for validation
         val_tokens=16_384,  # validation tokens per domain, fixed for every run
         pre=_domain("builtin:prose", "prose"),

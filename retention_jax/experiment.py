@@ -123,12 +123,10 @@ def _check_identity(run_dir: str, record: dict) -> None:
     """Refuses a run directory written under a different config; names the keys."""
     path = os.path.join(run_dir, "config.json")
     record = json.loads(json.dumps(record, default=str))  # tuples -> lists, as stored
-    if not os.path.exists(path):
-        os.makedirs(run_dir, exist_ok=True)
+    old = stage.read_json(path)
+    if old is None:
         stage.write_json(path, record)
         return
-    with open(path) as f:
-        old = json.load(f)
     diff = sorted(_diff(old, record))
     if diff:
         raise ValueError(
@@ -143,6 +141,11 @@ def _diff(a, b, prefix: str = "") -> Iterable[str]:
             yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip(".")
+
+
+def _data_root(workdir: str) -> str:
+    """Token stores are memory-mapped, so they live on local disk even for gs:// workdirs."""
+    return workdir if "://" not in workdir else os.path.expanduser("~/.cache/retention_jax")
 
 
 def row(leaf: Node, results: dict[str, dict]) -> dict:
@@ -193,7 +196,6 @@ def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str =
     if dry_run:
         print(plan_table(todo))
         return []
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)
     corpora: dict[str, object] = {}
     results: dict[str, dict] = {}
@@ -205,7 +207,7 @@ def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str =
                 for m in nodes
                 if m.cfg.data.to_dict() == n.cfg.data.to_dict()
             ]
-            corpora[key] = data.prepare(n.cfg, workdir, plans)
+            corpora[key] = data.prepare(n.cfg, _data_root(workdir), plans)
         corpus = corpora[key]
         run_dir = os.path.join(workdir, "runs", n.id)
         _check_identity(run_dir, {"identity": n.identity, "data_fingerprint": corpus.fingerprint})
@@ -241,8 +243,6 @@ def collect(workdir: str, nodes: list[Node]) -> list[dict]:
         if leaf.stage == "finetune" and all(finished[n.id] for n in leaf.lineage())
     ]
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, RESULTS + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(workdir, RESULTS))
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        stage.write_text(os.path.join(workdir, RESULTS), text)
     return rows

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from retention_jax import checkpoint, data, evaluate, perf
@@ -38,20 +39,29 @@ def model_config(cfg: mlc.ConfigDict, stage: str) -> mlc.ConfigDict:
     return m
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes through a temporary file and a rename: readers never see half a file.
+
+    Paths may be local or remote (gs://), like every run-directory path.
+    """
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{target.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(target)
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes through a temporary file and a rename: readers never see half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def read_json(path: str) -> Any | None:
+    p = epath.Path(path)
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def read_result(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, RESULT)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(run_dir, RESULT))
 
 
 class _EarlyStop:
@@ -75,11 +85,18 @@ class _EarlyStop:
 
 
 class _Log:
-    """JSONL metrics always, clu/TensorBoard when TensorFlow is installed; process 0 only."""
+    """JSONL metrics always, clu/TensorBoard when TensorFlow is installed; process 0 only.
 
-    def __init__(self, run_dir: str):
+    Lines are kept and the file rewritten whole at each checkpoint (remote stores do
+    not append); after a resume, lines past the resumed step are dropped.
+    """
+
+    def __init__(self, run_dir: str, resumed_step: int):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        old = epath.Path(self.path)
+        lines = old.read_text().splitlines() if self.enabled and old.exists() else []
+        self.lines = [x for x in lines if json.loads(x)["step"] <= resumed_step]
         self.writer = None
         if self.enabled:
             try:
@@ -92,12 +109,13 @@ class _Log:
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.lines.append(json.dumps({"step": step, **scalars}))
         if self.writer is not None:
             self.writer.write_scalars(step, scalars)
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        if self.enabled:
+            write_text(self.path, "".join(x + "\n" for x in self.lines))
         if self.writer is not None:
             self.writer.flush()
 
@@ -126,7 +144,7 @@ def run(
     done = read_result(run_dir)
     if done is not None:
         return done
-    os.makedirs(run_dir, exist_ok=True)
+    epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
     sc = cfg[stage]
     plan = data.plan(stage, cfg)
@@ -162,7 +180,7 @@ def run(
 
     batch_shapes = _batch_shapes(plan, steps)
     exe, compile_s = steps.compile_train(batch_shapes)
-    log = _Log(run_dir)
+    log = _Log(run_dir, int(jax.device_get(state.step)))
     flops = model_lib.flops_per_token(mcfg, plan.seq_len)
     peak, _ = _PEAK.setdefault("peak", perf.peak_flops(dtype=mcfg.dtype))
     step = int(jax.device_get(state.step))
@@ -170,6 +188,7 @@ def run(
     t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
 
     def save(val_loss=None):
+        log.flush()
         checkpoint.save(
             mngr,
             step,
@@ -220,7 +239,7 @@ def run(
         )
     val = evaluate.losses(steps, params, corpus, data.DOMAINS, cfg.eval.batch)
     mngr.close()
-    log.close()
+    log.flush()
     result = {
         "stage": stage,
         "steps": step,

@@ -1,0 +1,79 @@
+r"""Launches an experiment graph with XManager, one job per node, stage by stage.
+
+  pip install -e ".[xm]"
+  python xm_launch/launch.py --config=configs/paper_135m.py:musicpile-chempile \
+      --workdir=gs://BUCKET/135m-mc --accelerator=TPU_V3 --count=8
+
+Every node of a stage runs as its own job (`main.py --only=<node id>`), all nodes of a
+stage in parallel, a stage starting when the one above has finished; the last job
+writes results.jsonl and the figures. `--dry_run` prints the job waves and launches
+nothing (no XManager needed).
+"""
+
+import asyncio
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from retention_jax import experiment, stage  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Shared work directory (gs://...).", required=True)
+_ACCELERATOR = flags.DEFINE_string("accelerator", "TPU_V3", "xm.JobRequirements accelerator.")
+_COUNT = flags.DEFINE_integer("count", 8, "Accelerators per job.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job waves only.")
+
+
+def waves(cfg) -> list[list[str]]:
+    """Node ids per stage: each wave depends only on the waves before it."""
+    nodes = experiment.expand(cfg)
+    return [[n.id for n in nodes if n.stage == s] for s in stage.STAGES]
+
+
+async def _launch(plan: list[list[str]], config_arg: str) -> None:
+    from xmanager import xm, xm_local
+
+    with xm_local.create_experiment(experiment_title=os.path.basename(_WORKDIR.value)) as xp:
+        [executable] = xp.package(
+            [
+                xm.python_container(
+                    executor_spec=xm_local.Vertex.Spec(),
+                    path=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    entrypoint=xm.CommandList(
+                        ["pip install -e .[cuda] || pip install -e .", "python main.py $@"]
+                    ),
+                )
+            ]
+        )
+        requirements = xm.JobRequirements(**{_ACCELERATOR.value: _COUNT.value})
+        for wave in plan:
+            units = [
+                await xp.add(
+                    xm.Job(
+                        executable,
+                        executor=xm_local.Vertex(requirements=requirements),
+                        args={"config": config_arg, "workdir": _WORKDIR.value, "only": node},
+                    )
+                )
+                for node in wave
+            ]
+            await asyncio.gather(*(u.wait_until_complete() for u in units))
+
+
+def main(argv) -> None:
+    del argv
+    plan = waves(_CONFIG.value)
+    for name, wave in zip(stage.STAGES, plan):
+        print(f"{name}: {len(wave)} jobs: {' '.join(wave)}")
+    if _DRY_RUN.value:
+        return
+    config_arg = flags.FLAGS["config"].config_filename
+    asyncio.run(_launch(plan, config_arg))
+
+
+if __name__ == "__main__":
+    app.run(main)
