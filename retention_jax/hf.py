@@ -1,0 +1,194 @@
+"""Hugging Face Llama checkpoints (config.json + safetensors) and tokenizers.
+
+Import and export go through numpy only (`safetensors.numpy`), so torch is not needed.
+HF stores projections as (out_features, in_features) per layer; the model keeps them
+transposed, split into heads and stacked over layers. HF Llama already uses the
+rotate-half RoPE layout, so no q/k permutation is needed.
+"""
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from jax.sharding import Mesh
+from tokenizers import Tokenizer
+
+from configs import models
+from retention_jax import model as model_lib
+
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def config_from_hf(path: str) -> mlc.ConfigDict:
+    """Model config from a Llama config.json (rope_theta top level or in rope_parameters)."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type={hf.get('model_type')!r}; only 'llama' is supported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise NotImplementedError(f"{path}: RoPE scaling {rope} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise NotImplementedError(f"{path}: attention/MLP biases are not supported")
+    cfg = models.smollm2_135m()
+    cfg.update(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        d_mlp=hf["intermediate_size"],
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+    return cfg
+
+
+def _layer_map(cfg: mlc.ConfigDict) -> dict[str, tuple[str, Callable, Callable]]:
+    """Model layer weight -> (HF name template, HF->model, model->HF) for one layer."""
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    t = np.transpose
+    return {
+        "attn_norm": ("input_layernorm", lambda w: w, lambda w: w),
+        "mlp_norm": ("post_attention_layernorm", lambda w: w, lambda w: w),
+        "q": ("self_attn.q_proj", lambda w: t(w).reshape(d, h, hd), lambda w: t(w.reshape(d, -1))),
+        "k": ("self_attn.k_proj", lambda w: t(w).reshape(d, kv, hd), lambda w: t(w.reshape(d, -1))),
+        "v": ("self_attn.v_proj", lambda w: t(w).reshape(d, kv, hd), lambda w: t(w.reshape(d, -1))),
+        "o": ("self_attn.o_proj", lambda w: t(w).reshape(h, hd, d), lambda w: t(w.reshape(-1, d))),
+        "gate": ("mlp.gate_proj", t, t),
+        "up": ("mlp.up_proj", t, t),
+        "down": ("mlp.down_proj", t, t),
+    }
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    if os.path.exists(os.path.join(path, _INDEX)):
+        with open(os.path.join(path, _INDEX)) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, _SINGLE)):
+        files = [_SINGLE]
+    else:
+        raise FileNotFoundError(f"{path}: neither {_SINGLE} nor {_INDEX}")
+    tensors = {}
+    for name in files:
+        tensors.update(safetensors.numpy.load_file(os.path.join(path, name)))
+    return tensors
+
+
+def load_params(path: str, cfg: mlc.ConfigDict) -> dict:
+    """Nested dict of numpy arrays shaped like `nnx.to_pure_dict(nnx.state(model))`."""
+    hf = _read_safetensors(path)
+    dtype = np.dtype(cfg.param_dtype)
+
+    def get(name: str) -> np.ndarray:
+        if name not in hf:
+            raise KeyError(f"{path}: tensor {name!r} missing")
+        return hf[name].astype(dtype)
+
+    layers = {
+        ours: np.stack(
+            [to_ours(get(f"model.layers.{i}.{theirs}.weight")) for i in range(cfg.n_layers)]
+        )
+        for ours, (theirs, to_ours, _) in _layer_map(cfg).items()
+    }
+    params = {
+        "embed": get("model.embed_tokens.weight"),
+        "layers": layers,
+        "final_norm": get("model.norm.weight"),
+    }
+    if not cfg.tie_embeddings:
+        params["head"] = get("lm_head.weight").T
+    return params
+
+
+def load_model(path: str, mesh: Mesh, rules: model_lib.Rules) -> model_lib.Transformer:
+    """A sharded model holding the checkpoint's weights (no random init is run)."""
+    cfg = config_from_hf(path)
+    graphdef, abstract = model_lib.abstract_state(cfg, mesh, rules)
+    state = jax.tree.map(lambda a: a, abstract)  # a copy to fill in
+    nnx.replace_by_pure_dict(state, load_params(path, cfg))
+    state = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), state, abstract)
+    return nnx.merge(graphdef, state)
+
+
+def export(model_or_state: nnx.Module | nnx.State, cfg: mlc.ConfigDict, out_dir: str) -> None:
+    """Write config.json + model.safetensors for `LlamaForCausalLM.from_pretrained`.
+
+    LoRA adapters, if any, are merged into the base weights (W + alpha/rank * A @ B).
+    """
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(state))
+    layers = params["layers"]
+    scale = cfg.lora.alpha / max(cfg.lora.rank, 1)
+    tensors = {
+        "model.embed_tokens.weight": params["embed"],
+        "model.norm.weight": params["final_norm"],
+    }
+    for ours, (theirs, _, to_hf) in _layer_map(cfg).items():
+        w = layers[ours]
+        if f"{ours}_lora_a" in layers:
+            a, b = layers[f"{ours}_lora_a"], layers[f"{ours}_lora_b"]
+            w = w + scale * np.stack(
+                [np.tensordot(a[i], b[i], axes=1) for i in range(cfg.n_layers)]
+            )
+        for i in range(cfg.n_layers):
+            tensors[f"model.layers.{i}.{theirs}.weight"] = to_hf(w[i])
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = params["head"].T
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(tensors, os.path.join(out_dir, _SINGLE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(_hf_config(cfg), f, indent=2)
+
+
+def _hf_config(cfg: mlc.ConfigDict) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_mlp,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters; older releases read rope_theta.
+        "rope_parameters": {"rope_theta": cfg.rope_base, "rope_type": "default"},
+        "rope_theta": cfg.rope_base,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "max_position_embeddings": 8192,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": "float32",
+    }
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """A `tokenizers.Tokenizer` from a local directory (tokenizer.json) or a hub id."""
+    if os.path.isdir(name_or_path):
+        file = os.path.join(name_or_path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json")
+        return Tokenizer.from_file(file)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Tokenizer.from_file(hf_hub_download(name_or_path, "tokenizer.json"))
+    except Exception as e:
+        raise OSError(
+            f"tokenizer {name_or_path!r} is neither a local directory nor downloadable from the "
+            "hub (no network or HF_HUB_OFFLINE=1, and not in the local HF cache); pass a "
+            f"directory holding tokenizer.json instead ({type(e).__name__}: {e})"
+        ) from e

@@ -1,0 +1,209 @@
+"""The decoder: sizes, causality, packing, dropout, scan/unroll/remat, bf16, LoRA, sharding."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import base, models
+from retention_jax import model as model_lib
+
+B, L = 2, 16
+
+
+def small(**kw) -> mlc.ConfigDict:
+    cfg = models.tiny(vocab_size=128)
+    cfg.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96))
+    cfg.scan_layers = False  # compiles a little faster on CPU; scan is tested against it
+    cfg.update(kw)
+    return cfg
+
+
+def rng(seed: int) -> jax.Array:
+    """RBG keys: threefry random numbers take ~5-10x longer to compile on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def build(cfg: mlc.ConfigDict, seed: int = 0) -> model_lib.Transformer:
+    with nnx.use_eager_sharding(False):  # no mesh needed for numerics
+        return model_lib.Transformer(cfg, rngs=nnx.Rngs(params=rng(seed)))
+
+
+@nnx.jit
+def forward(model, tokens_BxL, positions_BxL, segments_BxL, key=None):
+    return model(tokens_BxL, positions_BxL, segments_BxL, dropout_key=key)
+
+
+@nnx.jit
+def grad_of_mean_square(model, tokens_BxL, positions_BxL, segments_BxL, key):
+    def loss(m):
+        return jnp.mean(m(tokens_BxL, positions_BxL, segments_BxL, dropout_key=key) ** 2)
+
+    return nnx.grad(loss)(model)
+
+
+def inputs(seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    tokens_BxL = jax.random.randint(rng(seed), (B, L), 1, 128)
+    positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    return tokens_BxL, positions_BxL, jnp.ones((B, L), jnp.int32)
+
+
+def test_param_counts_without_allocating():
+    assert model_lib.count_params(models.smollm2_135m()) == 134_515_008
+    n_1b = model_lib.count_params(models.paper_1b())
+    assert n_1b == 1_029_917_376  # the paper's ~1.03B: an untied LM head
+    tied = models.paper_1b()
+    tied.tie_embeddings = True
+    assert model_lib.count_params(tied) == 944_982_720
+    lora = models.smollm2_135m()
+    lora.lora.rank = 64
+    assert model_lib.count_params(lora) == 134_515_008  # adapters are not counted
+
+
+def test_flops_per_token():
+    # N_matmul = all parameters minus norms (the tied embedding counts once, as the head).
+    n_matmul = 134_515_008 - (30 * 2 * 576 + 576)
+    expected = 6 * n_matmul + 6 * 30 * 1024 * 576
+    assert model_lib.flops_per_token(models.smollm2_135m(), 1024) == expected == 913_047_552
+
+
+def test_causal_by_gradient():
+    model = build(small())
+    tokens_BxL, positions_BxL, segments_BxL = inputs()
+    x_BxLxD = model.embed[...][tokens_BxL]
+    t = 7
+
+    @jax.jit
+    def grad_wrt_inputs(x):
+        return jax.grad(lambda x: model.decode(x, positions_BxL, segments_BxL)[:, t].sum())(x)
+
+    norms_L = np.abs(np.asarray(grad_wrt_inputs(x_BxLxD))).sum(axis=(0, 2))
+    assert np.all(norms_L[t + 1 :] == 0.0)
+    assert np.all(norms_L[: t + 1] > 0.0)
+
+
+def test_segments_isolate_packed_documents():
+    model = build(small())
+    tokens_BxL, _, _ = inputs()
+    half = L // 2
+    segments_BxL = jnp.concatenate([jnp.ones((B, half), int), 2 * jnp.ones((B, half), int)], 1)
+    positions_BxL = jnp.concatenate([jnp.arange(half), jnp.arange(half)])[None].repeat(B, 0)
+    logits = np.asarray(forward(model, tokens_BxL, positions_BxL, segments_BxL))
+    other = np.asarray(forward(model, tokens_BxL.at[:, half:].set(5), positions_BxL, segments_BxL))
+    np.testing.assert_array_equal(logits[:, :half], other[:, :half])
+    assert not np.allclose(logits[:, half:], other[:, half:])
+    # The second document placed alone at the start of a row gives the same logits.
+    shifted = (jnp.roll(tokens_BxL, half, 1), jnp.roll(positions_BxL, half, 1), segments_BxL)
+    alone = np.asarray(forward(model, *shifted))
+    np.testing.assert_allclose(logits[:, half:], alone[:, :half], atol=1e-5)
+
+
+def test_dropout_is_explicit_and_per_key():
+    rates = dict(embed=0.1, attn=0.1, resid=0.1, mlp=0.1)
+    model = build(small(dropout=rates))
+    args = inputs()
+    plain = np.asarray(forward(model, *args))
+    np.testing.assert_array_equal(plain, forward(model, *args))
+    np.testing.assert_array_equal(plain, forward(build(small()), *args))  # as without dropout
+    k1 = np.asarray(forward(model, *args, rng(1)))
+    np.testing.assert_array_equal(k1, forward(model, *args, rng(1)))
+    k2 = np.asarray(forward(model, *args, rng(2)))
+    assert np.abs(k1 - plain).mean() > 1e-3
+    assert np.abs(k1 - k2).mean() > 1e-3
+    assert set(nnx.state(model).keys()) == {"embed", "layers", "final_norm"}  # no RNG state
+
+
+@pytest.mark.parametrize("site", ["embed", "attn", "resid", "mlp"])
+def test_each_dropout_site_acts(site):
+    rates = dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0) | {site: 0.2}
+    model = build(small(dropout=rates))
+    args = inputs()
+    diff = np.abs(forward(model, *args, rng(0)) - forward(model, *args))
+    assert diff.mean() > 1e-4
+
+
+@pytest.mark.parametrize("scan_layers, remat", [(True, "none"), (True, "full"), (False, "dots")])
+def test_scan_and_remat_match_plain_loop(scan_layers, remat):
+    """Same parameter tree, same per-layer dropout keys, same logits and gradients."""
+    rates = dict(embed=0.05, attn=0.05, resid=0.05, mlp=0.05)
+    loop = build(small(dropout=rates))
+    scan = build(small(scan_layers=scan_layers, remat=remat, dropout=rates))
+    flat_loop, flat_scan = nnx.to_flat_state(nnx.state(loop)), nnx.to_flat_state(nnx.state(scan))
+    assert [p for p, _ in flat_loop] == [p for p, _ in flat_scan]
+    for (_, a), (_, b) in zip(flat_loop, flat_scan, strict=True):
+        np.testing.assert_array_equal(a[...], b[...])
+    args, k = inputs(), rng(3)
+    if remat == "none":  # remat changes only the backward pass
+        np.testing.assert_allclose(forward(scan, *args), forward(loop, *args), atol=1e-5)
+        np.testing.assert_allclose(forward(scan, *args, k), forward(loop, *args, k), atol=1e-5)
+    g_loop, g_scan = grad_of_mean_square(loop, *args, k), grad_of_mean_square(scan, *args, k)
+    for a, b in zip(jax.tree.leaves(g_loop), jax.tree.leaves(g_scan), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_compute_close_to_fp32():
+    args = inputs()
+    fp32 = np.asarray(forward(build(small()), *args))
+    bf16_model = build(small(dtype="bfloat16"))
+    bf16 = forward(bf16_model, *args)
+    assert bf16.dtype == jnp.bfloat16
+    assert bf16_model.layers.q[...].dtype == jnp.float32  # parameters stay fp32
+    err = np.abs(np.asarray(bf16, np.float32) - fp32)
+    assert err.max() < 0.05 * np.abs(fp32).max()
+
+
+def test_lora_adapters():
+    cfg = small(lora=dict(rank=4, alpha=8.0, dropout=0.1, targets=("o", "gate", "up", "down")))
+    model = build(cfg)
+    adapters = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+    names = {path[-1] for path, _ in adapters}
+    assert names == {f"{t}_lora_{ab}" for t in ("o", "gate", "up", "down") for ab in "ab"}
+    assert model.layers.o_lora_a[...].shape == (2, 4, 16, 4)
+    assert model.layers.o_lora_b[...].shape == (2, 4, 64)
+    base_model = build(small())
+    nnx.update(base_model, nnx.state(model, model_lib.BASE_PARAMS))
+    args = inputs()
+    np.testing.assert_array_equal(forward(model, *args), forward(base_model, *args))  # B = 0
+
+    grads = grad_of_mean_square(model, *args, None)
+    assert float(jnp.abs(grads["layers"]["up_lora_b"][...]).sum()) > 0.0
+    lora_grads = nnx.to_flat_state(nnx.state(grads, nnx.LoRAParam))
+    assert {path[-1] for path, _ in lora_grads} == names  # the filter the train step uses
+    model.layers.up_lora_b[...] = jnp.full_like(model.layers.up_lora_b[...], 0.1)
+    lora_logits = np.asarray(forward(model, *args))
+    assert np.abs(lora_logits - forward(base_model, *args)).max() > 1e-3
+    assert np.abs(lora_logits - forward(model, *args, rng(0))).max() > 1e-3  # adapter dropout
+
+
+def test_create_and_abstract_state_are_sharded():
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    rules = base.get_config().rules
+    cfg = small(tie_embeddings=False)
+    model = model_lib.create(cfg, mesh, rules, seed=0)
+    _, abstract = model_lib.abstract_state(cfg, mesh, rules)
+    expected = {
+        "embed": P("tensor", "fsdp"),
+        "head": P("fsdp", "tensor"),
+        "final_norm": P("fsdp"),
+        "layers/q": P(None, "fsdp", "tensor"),
+        "layers/k": P(None, "fsdp", "tensor"),
+        "layers/o": P(None, "tensor", None, "fsdp"),
+        "layers/down": P(None, "tensor", "fsdp"),
+    }
+    flat = {"/".join(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    flat_abs = {"/".join(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
+    assert flat.keys() == flat_abs.keys()
+    for name, spec in expected.items():
+        want = NamedSharding(mesh, spec)
+        assert flat[name].sharding.is_equivalent_to(want, flat[name].ndim), name
+        assert flat_abs[name].sharding.is_equivalent_to(want, flat[name].ndim), name
+    for name, a in flat_abs.items():
+        assert isinstance(a, jax.ShapeDtypeStruct) and isinstance(a.sharding.mesh, Mesh)
+        assert a.shape == flat[name].shape
+        assert a.sharding.is_equivalent_to(flat[name].sharding, a.ndim), name
+    assert abs(float(jnp.std(flat["layers/q"])) - cfg.init_std) < 0.002
+    np.testing.assert_array_equal(flat["layers/attn_norm"], 1.0)
