@@ -158,7 +158,14 @@ def run(
     shapes = steps.state_shapes
     es_cfg = sc.get("early_stop", mlc.ConfigDict({"every": 0, "patience": 0, "min_delta": 0.0}))
     early = stage == "posttrain" and es_cfg.every > 0 and not cfg.posttrain.compute_matched
-    progress = {"tokens": [0] * len(data.DOMAINS), "evals": [], "early_stop": None}
+    # Saved in every checkpoint's meta; wall and compile seconds of earlier attempts.
+    progress = {
+        "tokens": [0] * len(data.DOMAINS),
+        "evals": [],
+        "early_stop": None,
+        "wall_s": 0.0,
+        "compile_s": 0.0,
+    }
 
     latest = mngr.latest_step()
     if latest is not None:  # resume this run
@@ -187,6 +194,12 @@ def run(
     pending, stopped = None, False
     t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
 
+    def timing() -> dict:
+        return {
+            "wall_s": progress["wall_s"] + time.perf_counter() - wall_start,
+            "compile_s": progress["compile_s"] + compile_s,
+        }
+
     def save(val_loss=None):
         log.flush()
         checkpoint.save(
@@ -195,7 +208,14 @@ def run(
             params=state.params,
             opt=_opt_item(state),
             data_iter=it,
-            meta={**(meta or {}), **progress, "early_stop": stopper.state(), "stage": stage},
+            meta={
+                **(meta or {}),
+                **progress,
+                **timing(),
+                "early_stop": stopper.state(),
+                "stage": stage,
+                "step": step,
+            },
             val_loss=val_loss,
         )
 
@@ -250,8 +270,7 @@ def run(
         "tokens": dict(zip(data.DOMAINS, progress["tokens"])),
         "planned_tokens": plan.tokens,
         "evals": progress["evals"],
-        "compile_s": compile_s,
-        "wall_s": time.perf_counter() - wall_start,
+        **timing(),
     }
     if jax.process_index() == 0:
         write_json(os.path.join(run_dir, RESULT), result)

@@ -126,7 +126,7 @@ def test_branch_starts_from_parent_params_with_fresh_optimizer(tmp_path, monkeyp
     adam = opt[1]
     assert int(adam.count) == 0
     assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves((adam.mu, adam.nu)))
-    meta = json.load(open(tmp_path / "runs" / post.id / "config.json"))
+    meta = json.loads((tmp_path / "runs" / post.id / "config.json").read_text())
     assert meta["identity"]["parent"] == pre.id
 
 
