@@ -5,6 +5,7 @@ python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke
 python main.py --config=configs/135m_musicpile_chempile.py --workdir=gs://... --dry_run
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,7 +25,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
     sharding.initialize_distributed()
     rows = experiment.run(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value, only=_ONLY.value)
-    if rows:
+    if rows and jax.process_index() == 0:
         print(report.table(rows))
         print(report.format_compare(report.compare(rows)))
         for path in figures.draw_all(_WORKDIR.value):

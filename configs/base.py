@@ -4,7 +4,7 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
 
   model       a preset from configs/models.py
   mesh        sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices
-  rules       logical axis name -> mesh axes
+  rules       parameters' logical axis names -> mesh axes
   data        tokenizer, sequence length, packing, the three domains and pool sizes
   pretrain    stage 1: D_pre budget, optimizer, early exposure of the D_post pool
   posttrain   stage 2: optimizer, dropout, replay, early stopping or compute-matched
@@ -45,8 +45,8 @@ def get_config() -> mlc.ConfigDict:
     c.seed = 0
     c.model = models.tiny()
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Parameters' logical axes -> mesh axes. Batch rows always split over data×fsdp.
     c.rules = (
-        ("batch", ("data", "fsdp")),
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
@@ -55,7 +55,6 @@ def get_config() -> mlc.ConfigDict:
         ("layers", None),
         ("head_dim", None),
         ("lora", None),
-        ("length", None),
     )
     c.data = dict(
         tokenizer="byte",  # byte | hf:HUB_ID_OR_DIR | spm:MODEL_FILE

@@ -1,6 +1,6 @@
 r"""Model sizes: the tiny CPU model, SmolLM2-135M and the paper's 1B.
 
-  python -m retention_jax.benchmarks.step --model=configs/models.py:smollm2_135m
+  python benchmarks/step.py --model=configs/models.py:smollm2_135m
 
 `get_config(name)` returns one preset so that any tool taking a config file can take a
 model; experiment configs call the functions directly.

@@ -8,7 +8,7 @@ batch 512 × 1,024. Stage 2: LR {1e-5, 2e-5, 5e-5, 1e-4, 2e-4}, batch 512, warmu
 early stopping every 100 steps with patience 3, at most 2B tokens; the paper's minimum
 LR of 5e-5 lies above the two lowest peaks, so the minimum here is 1e-5; dropout 0
 (the ablation sweeps 0.02, 0.05 with --config.sweep). Stage 3: 200M tokens over an LR
-sweep. About 12 leaves per λ. Produces results.jsonl and figures.
+sweep. 5 × 3 = 15 leaves per λ. Produces results.jsonl and figures.
 """
 
 from configs import base, corpora, models, paper_135m
@@ -17,8 +17,8 @@ M = 1_000_000
 
 
 def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
-    pipeline, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
-    c = paper_135m.get_config(pipeline)
+    _, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
+    c = paper_135m.get_config(arg)
     c.model = models.paper_1b()
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"

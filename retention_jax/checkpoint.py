@@ -84,7 +84,3 @@ def restore_params(path: str, step: int, target: Any) -> Any:
         ).params
     finally:
         mngr.close()
-
-
-def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

@@ -11,7 +11,7 @@ import ml_collections as mlc
 
 from retention_jax import data, sharding
 
-STAGES = ("pretrain", "posttrain", "finetune")
+STAGES = data.STAGES
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -62,7 +62,8 @@ def _model(m: mlc.ConfigDict, mesh: dict) -> None:
     _choice(m, "remat", "model", REMAT)
     for site in ("embed", "attn", "resid", "mlp"):
         _num(m.dropout, site, "model.dropout", 0, 1, open_high=True)
-    _int(m.lora, "rank", "model.lora", 0)
+    if m.lora.rank != 0:
+        _fail("model.lora.rank", m.lora.rank, "0 (LoRA stages are not implemented yet)")
     for t in m.lora.targets:
         if t not in LORA_TARGETS:
             _fail("model.lora.targets", tuple(m.lora.targets), f"a subset of {LORA_TARGETS}")
@@ -74,10 +75,16 @@ def _model(m: mlc.ConfigDict, mesh: dict) -> None:
         _fail("model.d_model", m.d_model, f"a multiple of mesh.fsdp={mesh['fsdp']}")
 
 
+def _batch(cfg, key: str, path: str, rows: int) -> None:
+    _int(cfg, key, path)
+    if cfg[key] % rows:
+        _fail(_join(path, key), cfg[key], f"a multiple of mesh data×fsdp={rows}")
+    if cfg[key] % jax.process_count():
+        _fail(_join(path, key), cfg[key], f"a multiple of process_count={jax.process_count()}")
+
+
 def _optimizer(s: mlc.ConfigDict, path: str, rows: int) -> None:
-    _int(s, "batch", path)
-    if s.batch % rows:
-        _fail(f"{path}.batch", s.batch, f"a multiple of mesh data×fsdp={rows}")
+    _batch(s, "batch", path, rows)
     _num(s, "lr", path, 0, 1, open_low=True)
     _num(s, "min_lr", path, 0, s.lr)
     _int(s, "warmup_steps", path, 0)
@@ -86,6 +93,20 @@ def _optimizer(s: mlc.ConfigDict, path: str, rows: int) -> None:
     _num(s, "b2", path, 0, 1, open_high=True)
     _num(s, "eps", path, 0, 1, open_low=True)
     _num(s, "clip_norm", path, 0, float("inf"), open_low=True)
+    if not isinstance(s.decay_exclude, tuple | list) or not all(
+        isinstance(w, str) for w in s.decay_exclude
+    ):
+        _fail(f"{path}.decay_exclude", s.decay_exclude, "a tuple of parameter-path substrings")
+
+
+def _rules(rules) -> None:
+    names = [r[0] for r in rules] if isinstance(rules, tuple | list) else []
+    for rule in rules:
+        ok = isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)
+        axes = rule[1] if ok else None
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        if not ok or any(a not in sharding.AXES for a in axes) or names.count(rule[0]) > 1:
+            _fail("rules", rule, f"unique (logical name, None | mesh axes of {sharding.AXES})")
 
 
 def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
@@ -95,6 +116,14 @@ def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
             return False
         node = node[key]
     return True
+
+
+# Config paths each stage's sweep may set: a stage's nodes differ only in what they own.
+SWEEPABLE = {
+    "pretrain": ("seed", "model.", "data.", "pretrain."),
+    "posttrain": ("posttrain.",),
+    "finetune": ("finetune.",),
+}
 
 
 def _sweep(cfg: mlc.ConfigDict) -> None:
@@ -109,6 +138,8 @@ def _sweep(cfg: mlc.ConfigDict) -> None:
         for path, values in pairs:
             if not _has_path(cfg, path):
                 _fail(f"sweep.{name}", path, "dotted paths of existing config keys")
+            if not (path == "seed" or path.startswith(SWEEPABLE[name])):
+                _fail(f"sweep.{name}", path, f"paths under {SWEEPABLE[name]}")
             if not isinstance(values, list | tuple) or not values:
                 _fail(f"sweep.{name}.{path}", values, "a non-empty list of values")
 
@@ -121,6 +152,7 @@ def validate(cfg: mlc.ConfigDict, num_devices: int | None = None) -> None:
     for axis in sharding.AXES:
         if axis not in cfg.mesh:
             _fail(f"mesh.{axis}", None, "a positive size or -1")
+    _rules(cfg.rules)
     shape = sharding.mesh_shape(cfg.mesh, num_devices or jax.device_count())
     mesh = dict(zip(sharding.AXES, shape))
     rows = mesh["data"] * mesh["fsdp"]
@@ -133,9 +165,7 @@ def validate(cfg: mlc.ConfigDict, num_devices: int | None = None) -> None:
     _int(es, "every", "posttrain.early_stop", 0)
     _int(es, "patience", "posttrain.early_stop", 0)
     _num(es, "min_delta", "posttrain.early_stop", 0, float("inf"))
-    _int(cfg.eval, "batch", "eval")
-    if cfg.eval.batch % rows:
-        _fail("eval.batch", cfg.eval.batch, f"a multiple of mesh data×fsdp={rows}")
+    _batch(cfg.eval, "batch", "eval", rows)
     _int(cfg.ckpt, "every", "ckpt")
     _int(cfg.log, "every", "log")
     _sweep(cfg)

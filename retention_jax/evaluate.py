@@ -15,10 +15,15 @@ _DEVICE_BATCHES: dict[tuple, list] = {}
 
 
 def _device_batches(corpus, domain: str, batch: int, steps: train_lib.Steps) -> list:
+    """The domain's validation batches on the mesh; each process supplies its own rows."""
     key = (corpus.fingerprint, domain, batch, steps.mesh)
     if key not in _DEVICE_BATCHES:
+        n, p = jax.process_count(), jax.process_index()
+        rows = slice(p * batch // n, (p + 1) * batch // n)
         _DEVICE_BATCHES[key] = [
-            data.to_global(b, steps.mesh, steps.batch_sharding.spec)
+            data.to_global(
+                {k: v[rows] for k, v in b.items()}, steps.mesh, steps.batch_sharding.spec
+            )
             for b in data.validation_batches(corpus, domain, batch)
         ]
     return _DEVICE_BATCHES[key]

@@ -23,8 +23,8 @@ from retention_jax import data, sharding, stage
 from retention_jax import model as model_lib
 from retention_jax.analysis import results as results_lib
 
-# Config sections that decide a node's result (with its own stage section).
-IDENTITY = ("seed", "model", "data")
+# Data keys that change where or how fast data is read, not which tokens: not identity.
+DATA_NOT_IDENTITY = ("workers", "cache_dir")
 RESULTS = "results.jsonl"
 
 
@@ -43,7 +43,9 @@ class Node:
             "stage": self.stage,
             "seed": self.cfg.seed,
             "model": c.to_dict(),
-            "data": self.cfg.data.to_dict(),
+            "data": {
+                k: v for k, v in self.cfg.data.to_dict().items() if k not in DATA_NOT_IDENTITY
+            },
             self.stage: self.cfg[self.stage].to_dict(),
             "parent": self.parent.id if self.parent else None,
         }
@@ -125,7 +127,8 @@ def _check_identity(run_dir: str, record: dict) -> None:
     record = json.loads(json.dumps(record, default=str))  # tuples -> lists, as stored
     old = stage.read_json(path)
     if old is None:
-        stage.write_json(path, record)
+        if jax.process_index() == 0:
+            stage.write_json(path, record)
         return
     diff = sorted(_diff(old, record))
     if diff:
@@ -141,6 +144,23 @@ def _diff(a, b, prefix: str = "") -> Iterable[str]:
             yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip(".")
+
+
+def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> "data.Corpus":
+    """The node's prepared data, sized for every pending node that shares its data config;
+    checked against the model's vocabulary before anything compiles."""
+    key = json.dumps(node.cfg.data.to_dict(), sort_keys=True)
+    if key not in cache:
+        same = [m for m in pending if m.cfg.data.to_dict() == node.cfg.data.to_dict()]
+        plans = [data.plan(m.stage, m.cfg) for m in same]
+        cache[key] = data.prepare(node.cfg, _data_root(workdir), plans)
+    corpus = cache[key]
+    if corpus.vocab_size > node.cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={node.cfg.model.vocab_size} is smaller than the vocabulary "
+            f"({corpus.vocab_size}) of data.tokenizer={node.cfg.data.tokenizer!r}"
+        )
+    return corpus
 
 
 def _data_root(workdir: str) -> str:
@@ -197,39 +217,34 @@ def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str =
         print(plan_table(todo))
         return []
     mesh = sharding.make_mesh(cfg.mesh)
-    corpora: dict[str, object] = {}
-    results: dict[str, dict] = {}
+    runs = {n.id: os.path.join(workdir, "runs", n.id) for n in nodes}
+    pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
+    pending_ids = {n.id for n in pending}
+    corpora: dict[str, data.Corpus] = {}
     for n in todo:
-        key = json.dumps(n.cfg.data.to_dict(), sort_keys=True)
-        if key not in corpora:
-            plans = [
-                data.plan(m.stage, m.cfg)
-                for m in nodes
-                if m.cfg.data.to_dict() == n.cfg.data.to_dict()
-            ]
-            corpora[key] = data.prepare(n.cfg, _data_root(workdir), plans)
-        corpus = corpora[key]
-        run_dir = os.path.join(workdir, "runs", n.id)
-        _check_identity(run_dir, {"identity": n.identity, "data_fingerprint": corpus.fingerprint})
+        if n.id not in pending_ids:
+            print(f"{n.id} already done", flush=True)
+            continue
+        corpus = _corpus(n, pending, workdir, corpora)
+        _check_identity(
+            runs[n.id], {"identity": n.identity, "data_fingerprint": corpus.fingerprint}
+        )
         parent = None
         if n.parent is not None:
-            pr = results.get(n.parent.id) or stage.read_result(
-                os.path.join(workdir, "runs", n.parent.id)
-            )
+            pr = stage.read_result(runs[n.parent.id])
             if pr is None:
                 raise RuntimeError(f"{n.id}: parent {n.parent.id} has not finished; run it first")
-            parent = (os.path.join(workdir, "runs", n.parent.id), pr["result_step"])
+            parent = (runs[n.parent.id], pr["result_step"])
         meta = {
             "id": n.id,
             "parent": n.parent.id if n.parent else None,
             "parent_step": parent[1] if parent else None,
             "swept": n.swept,
         }
-        done = stage.read_result(run_dir) is not None
-        results[n.id] = stage.run(n.stage, n.cfg, run_dir, corpus, mesh, parent, meta)
+        result = stage.run(n.stage, n.cfg, runs[n.id], corpus, mesh, parent, meta)
         if jax.process_index() == 0:
-            val = " ".join(f"{d} {v:.4f}" for d, v in results[n.id]["val"].items())
-            print(f"{n.id} {'already done' if done else 'done'}: val {val}", flush=True)
+            val = " ".join(f"{d} {v:.4f}" for d, v in result["val"].items())
+            print(f"{n.id} done: val {val}", flush=True)
     rows = collect(workdir, nodes)
     return rows
 

@@ -17,8 +17,6 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
 
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
-
 
 def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 entry to the devices left over; checks the product."""
@@ -47,18 +45,9 @@ def make_mesh(sizes: dict, devices: Sequence[jax.Device] | None = None) -> jax.s
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
-    table = dict(rules)
-    return P(*(table.get(n) if n is not None else None for n in names))
-
-
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[batch, length] arrays: rows over data×fsdp, length replicated."""
     return NamedSharding(mesh, P(BATCH, None))
-
-
-def batch_divisor(mesh: jax.sharding.Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def initialize_distributed() -> None:

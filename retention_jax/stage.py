@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from retention_jax import checkpoint, data, evaluate, perf
 from retention_jax import model as model_lib
 from retention_jax import train as train_lib
 
-STAGES = ("pretrain", "posttrain", "finetune")
+STAGES = data.STAGES
 RESULT = "result.json"
 
 
@@ -46,7 +47,7 @@ def write_text(path: str, text: str) -> None:
     """
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{target.name}.tmp"
+    tmp = target.parent / f"{target.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     tmp.replace(target)
 
@@ -78,6 +79,10 @@ class _EarlyStop:
             self.best, self.best_step, self.bad = loss, step, 0
         else:
             self.bad += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
         return self.patience > 0 and self.bad >= self.patience
 
     def state(self) -> dict:
@@ -127,6 +132,46 @@ def _check_finite(step: int, metrics: dict) -> None:
         )
 
 
+class _Reporter:
+    """Training metrics: read one step late (no wait on the step just dispatched), checked
+    for NaN/Inf, logged with throughput; one progress line per report."""
+
+    def __init__(self, log: _Log, name: str, plan, flops: float, peak: float, step: int):
+        self.log, self.name, self.plan, self.flops, self.peak = log, name, plan, flops, peak
+        self.pending = None
+        self.mark = (time.perf_counter(), step)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, m)
+        now = time.perf_counter()
+        done = step - self.mark[1]
+        m.update(perf.throughput(m["tokens"] * done, now - self.mark[0], self.flops, self.peak))
+        self.mark = (now, step)
+        self.log.write(step, m)
+        left = (self.plan.num_steps - step) * self.plan.batch * self.plan.seq_len
+        if self.log.enabled:
+            print(
+                f"{self.name} step {step}/{self.plan.num_steps} loss {m['loss']:.4f} "
+                f"{m['tokens_per_s']:,.0f} tok/s MFU {m['mfu']:.1%} "
+                f"ETA {left / max(m['tokens_per_s'], 1e-9):.0f}s",
+                flush=True,
+            )
+
+
+def _global_sum(local: np.ndarray) -> np.ndarray:
+    """Sums per-process counts over processes (a collective: call at sync points only)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).sum(0)
+
+
 def run(
     stage: str,
     cfg: mlc.ConfigDict,
@@ -139,18 +184,22 @@ def run(
     """Runs (or finishes) one stage in `run_dir` and returns its result.
 
     `parent` is (parent run directory, its result step) for a branched stage; `meta`
-    is lineage recorded in every checkpoint (ids, config hash).
+    is lineage recorded in every checkpoint (ids, swept values).
     """
     done = read_result(run_dir)
     if done is not None:
         return done
-    epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
     sc = cfg[stage]
     plan = data.plan(stage, cfg)
     mcfg = model_config(cfg, stage)
     steps = train_lib.steps_for(mcfg, sc, mesh, cfg.rules)
-    rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), STAGES.index(stage))
+    rng = jax.device_put(
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), STAGES.index(stage)),
+        steps.state_sharding.step,
+    )
     it = data.loader(
         corpus, plan, cfg, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -158,7 +207,8 @@ def run(
     shapes = steps.state_shapes
     es_cfg = sc.get("early_stop", mlc.ConfigDict({"every": 0, "patience": 0, "min_delta": 0.0}))
     early = stage == "posttrain" and es_cfg.every > 0 and not cfg.posttrain.compute_matched
-    # Saved in every checkpoint's meta; wall and compile seconds of earlier attempts.
+    # Saved in every checkpoint's meta: global tokens per domain up to the saved step,
+    # evaluations, the early-stopping state, wall and compile seconds of earlier attempts.
     progress = {
         "tokens": [0] * len(data.DOMAINS),
         "evals": [],
@@ -185,14 +235,17 @@ def run(
         state = train_lib.init_state(steps, params, sc, plan.num_steps)
     stopper = _EarlyStop(es_cfg.patience, es_cfg.min_delta, progress["early_stop"])
 
-    batch_shapes = _batch_shapes(plan, steps)
-    exe, compile_s = steps.compile_train(batch_shapes)
-    log = _Log(run_dir, int(jax.device_get(state.step)))
-    flops = model_lib.flops_per_token(mcfg, plan.seq_len)
-    peak, _ = _PEAK.setdefault("peak", perf.peak_flops(dtype=mcfg.dtype))
     step = int(jax.device_get(state.step))
-    pending, stopped = None, False
-    t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
+    compile_s = 0.0
+    if step < plan.num_steps:
+        exe, compile_s = steps.compile_train(_batch_shapes(plan, steps))
+    log = _Log(run_dir, step)
+    if mcfg.dtype not in _PEAK:
+        _PEAK[mcfg.dtype] = perf.peak_flops(dtype=mcfg.dtype)[0]
+    flops = model_lib.flops_per_token(mcfg, plan.seq_len)
+    reporter = _Reporter(log, os.path.basename(run_dir), plan, flops, _PEAK[mcfg.dtype], step)
+    local_tokens = np.zeros(len(data.DOMAINS), np.int64)  # this process's rows since a save
+    stopped = early and stopper.stopped
 
     def timing() -> dict:
         return {
@@ -200,55 +253,45 @@ def run(
             "compile_s": progress["compile_s"] + compile_s,
         }
 
-    def save(val_loss=None):
+    def save(metrics, val_loss=None):
+        """Checks and logs this step's metrics, then checkpoints it (best candidates ranked)."""
+        if metrics is not None:
+            reporter.pending = (step, metrics)
+        reporter.flush()
+        progress["tokens"] = (np.asarray(progress["tokens"]) + _global_sum(local_tokens)).tolist()
+        local_tokens[:] = 0
         log.flush()
+        record = {**(meta or {}), **progress, **timing(), "early_stop": stopper.state()}
         checkpoint.save(
             mngr,
             step,
             params=state.params,
             opt=_opt_item(state),
             data_iter=it,
-            meta={
-                **(meta or {}),
-                **progress,
-                **timing(),
-                "early_stop": stopper.state(),
-                "stage": stage,
-                "step": step,
-            },
+            meta=json.loads(json.dumps({**record, "stage": stage, "step": step})),
             val_loss=val_loss,
         )
 
+    metrics = None
     while step < plan.num_steps and not stopped:
         host = next(it)
-        counts = data.tokens_by_domain(host)
-        batch = data.to_global(host, mesh, steps.batch_sharding.spec)
-        state, metrics = exe(state, batch, rng)
+        local_tokens += data.tokens_by_domain(host)
+        state, metrics = exe(state, data.to_global(host, mesh, steps.batch_sharding.spec), rng)
         step += 1
-        progress["tokens"] = [a + int(b) for a, b in zip(progress["tokens"], counts)]
-        if pending is not None:  # the previous step's metrics: no wait on this one
-            _report(log, *pending, t_mark, tokens_mark, progress, flops, peak, plan, run_dir)
-            t_mark, tokens_mark = time.perf_counter(), sum(progress["tokens"])
-            pending = None
-        due_eval = early and (step % es_cfg.every == 0 or step == plan.num_steps)
-        if step % cfg.log.every == 0 or step == plan.num_steps or due_eval:
-            pending = (step, metrics)
-        if due_eval:
-            _check_finite(step, jax.device_get(metrics))
+        reporter.flush()  # the previous step's metrics, now that this one is dispatched
+        if early and (step % es_cfg.every == 0 or step == plan.num_steps):
             val = evaluate.losses(steps, state.params, corpus, ("post",), cfg.eval.batch)["post"]
+            _check_finite(step, {"val/post": val})
             progress["evals"].append([step, val])
             stopped = stopper.update(step, val)
             log.write(step, {"val/post": val})
-            save(val_loss=val)
-        elif step % cfg.ckpt.every == 0 and step < plan.num_steps:
-            _check_finite(step, jax.device_get(metrics))
-            save()
-    if pending is not None:
-        _report(log, *pending, t_mark, tokens_mark, progress, flops, peak, plan, run_dir)
-    if mngr.latest_step() != step:
-        if pending is not None:
-            _check_finite(step, jax.device_get(pending[1]))
-        save()
+            save(metrics, val_loss=val if stopper.best_step == step else None)
+        elif step % cfg.ckpt.every == 0 or step == plan.num_steps:
+            save(metrics)
+        elif step % cfg.log.every == 0:
+            reporter.pending = (step, metrics)
+    if mngr.latest_step() != step:  # a stage of no steps, or resumed at its end
+        save(metrics)
     mngr.wait_until_finished()
 
     result_step = stopper.best_step if early and progress["evals"] else step
@@ -259,7 +302,6 @@ def run(
         )
     val = evaluate.losses(steps, params, corpus, data.DOMAINS, cfg.eval.batch)
     mngr.close()
-    log.flush()
     result = {
         "stage": stage,
         "steps": step,
@@ -277,7 +319,7 @@ def run(
     return result
 
 
-_PEAK: dict = {}
+_PEAK: dict[str, float] = {}  # compute dtype -> peak FLOP/s per device, measured once
 
 
 def _opt_item(state: train_lib.TrainState) -> dict:
@@ -287,22 +329,5 @@ def _opt_item(state: train_lib.TrainState) -> dict:
 def _batch_shapes(plan, steps: train_lib.Steps) -> dict:
     shape = (plan.batch, plan.seq_len)
     return {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=steps.batch_sharding)
-        for k in ("inputs", "targets", "segment_ids", "positions")
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=steps.batch_sharding) for k in data.KEYS
     }
-
-
-def _report(log, step, metrics, t_mark, tokens_mark, progress, flops, peak, plan, run_dir):
-    """Logs a step's metrics and throughput since the last report; one progress line."""
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(step, m)
-    seconds = time.perf_counter() - t_mark
-    m.update(perf.throughput(sum(progress["tokens"]) - tokens_mark, seconds, flops, peak))
-    log.write(step, m)
-    eta = (plan.num_steps - step) * plan.batch * plan.seq_len / max(m["tokens_per_s"], 1e-9)
-    if log.enabled:
-        print(
-            f"{os.path.basename(run_dir)} step {step}/{plan.num_steps} loss {m['loss']:.4f} "
-            f"{m['tokens_per_s']:,.0f} tok/s MFU {m['mfu']:.1%} ETA {eta:.0f}s",
-            flush=True,
-        )

@@ -105,6 +105,19 @@ def test_replay_fraction():
     assert sorted(post[:POOL].tolist()) == list(range(POOL))
 
 
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_replay_draws_only_sequences_stage1_saw(mode):
+    c = cfg(
+        **{"posttrain.replay": 0.2, "pretrain.exposure.lam": 0.5, "pretrain.exposure.mode": mode}
+    )
+    d1, s1 = stream(data.plan("pretrain", c))
+    d2, s2 = stream(data.plan("posttrain", c))
+    seen, replayed = set(s1[d1 == 0].tolist()), s2[d2 == 0].tolist()
+    assert len(seen) == (2000 if mode == "add" else 1800)
+    assert set(replayed) <= seen
+    assert len(set(replayed)) == len(replayed) == 320  # fewer slots than seen: no repeats
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_compute_matched_disjoint_parts(lam):
     c = cfg(**{"pretrain.exposure.lam": lam, "posttrain.compute_matched": True})

@@ -29,10 +29,3 @@ def test_make_mesh_is_auto_and_named():
     assert mesh.axis_names == sharding.AXES
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    assert sharding.batch_divisor(mesh) == 4
-
-
-def test_logical_to_spec():
-    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
-    spec = sharding.logical_to_spec(("batch", None, "mlp", "unknown"), rules)
-    assert spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)

@@ -5,9 +5,10 @@ r"""Launches an experiment graph with XManager, one job per node, stage by stage
       --workdir=gs://BUCKET/135m-mc --accelerator=TPU_V3 --count=8
 
 Every node of a stage runs as its own job (`main.py --only=<node id>`), all nodes of a
-stage in parallel, a stage starting when the one above has finished; the last job
-writes results.jsonl and the figures. `--dry_run` prints the job waves and launches
-nothing (no XManager needed).
+stage in parallel, a stage starting when the one above has finished; a last job, with
+every node finished, writes results.jsonl and the figures. `--config.KEY=VALUE`
+overrides reach every job. `--dry_run` prints the job waves and launches nothing (no
+XManager needed).
 """
 
 import asyncio
@@ -34,7 +35,7 @@ def waves(cfg) -> list[list[str]]:
     return [[n.id for n in nodes if n.stage == s] for s in stage.STAGES]
 
 
-async def _launch(plan: list[list[str]], config_arg: str) -> None:
+async def _launch(plan: list[list[str]], config_args: list[str]) -> None:
     from xmanager import xm, xm_local
 
     with xm_local.create_experiment(experiment_title=os.path.basename(_WORKDIR.value)) as xp:
@@ -50,13 +51,14 @@ async def _launch(plan: list[list[str]], config_arg: str) -> None:
             ]
         )
         requirements = xm.JobRequirements(**{_ACCELERATOR.value: _COUNT.value})
-        for wave in plan:
+        common = [*config_args, f"--workdir={_WORKDIR.value}"]
+        for wave in [*plan, [""]]:  # the last wave: nothing left to train, collect only
             units = [
                 await xp.add(
                     xm.Job(
                         executable,
                         executor=xm_local.Vertex(requirements=requirements),
-                        args={"config": config_arg, "workdir": _WORKDIR.value, "only": node},
+                        args=[*common, f"--only={node}"] if node else common,
                     )
                 )
                 for node in wave
@@ -71,8 +73,8 @@ def main(argv) -> None:
         print(f"{name}: {len(wave)} jobs: {' '.join(wave)}")
     if _DRY_RUN.value:
         return
-    config_arg = flags.FLAGS["config"].config_filename
-    asyncio.run(_launch(plan, config_arg))
+    config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+    asyncio.run(_launch(plan, config_args))
 
 
 if __name__ == "__main__":

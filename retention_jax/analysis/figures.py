@@ -34,15 +34,6 @@ def label(loss: str, row: dict) -> str:
     return f"{loss}: {row.get(_DOMAIN[loss], '?')} loss after {_AFTER.get(loss, 'fine-tuning')}"
 
 
-def _tokens(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return str(n)
-
-
 def _methods(rows: list[dict]) -> list[str]:
     """Methods present, in Fig. 4's order (unmixed, mixed, +dropout, +replay, others)."""
     order = list(_COLORS)
@@ -80,10 +71,10 @@ def _frontier_panel(ax, rows: list[dict], view: tuple[str, str], methods: list[s
     ax.grid(alpha=0.3)
 
 
-def _by_pipeline(rows: list[dict]) -> dict[str, list[dict]]:
+def _by(rows: list[dict], key) -> dict[str, list[dict]]:
     out = defaultdict(list)
     for r in rows:
-        out[pipeline(r)].append(r)
+        out[key(r)].append(r)
     return dict(sorted(out.items()))
 
 
@@ -99,7 +90,7 @@ def draw_frontiers(rows: list[dict], methods: list[str] | None = None) -> Figure
     rows = _not_compute_matched(rows)
     present = _methods(rows)
     methods = methods or [m for m in PLAIN if m in present] or present
-    pipes = _by_pipeline([r for r in rows if method(r) in methods])
+    pipes = _by([r for r in rows if method(r) in methods], results.group)
     fig = Figure(figsize=(11, 4.2 * len(pipes)), layout="constrained")
     axes = fig.subplots(len(pipes), len(report.VIEWS), squeeze=False)
     for (pipe, mine), row_axes in zip(pipes.items(), axes, strict=True):
@@ -114,7 +105,7 @@ def draw_methods(rows: list[dict]) -> Figure:
     """Fig. 4: per pipeline, x = L_ret and y = L_ft for every (non compute-matched) method."""
     rows = _not_compute_matched(rows)
     methods = _methods(rows)
-    pipes = _by_pipeline(rows)
+    pipes = _by(rows, results.group)
     fig = Figure(figsize=(5.5 * len(pipes), 4.5), layout="constrained")
     axes = fig.subplots(1, len(pipes), squeeze=False)[0]
     for ax, (pipe, mine) in zip(axes, pipes.items(), strict=True):
@@ -144,7 +135,7 @@ def draw_lambda(
         for ax, (k, loss) in zip(row_axes, ((1, "L_im"), (2, "L_ret")), strict=True):
             for pool, curve in ((p, c) for (c_m, p), c in curves.items() if c_m == cm):
                 lam, y = [c[0] for c in curve], [c[k] for c in curve]
-                (line,) = ax.plot(lam, y, "o-", label=f"|D_post| = {_tokens(pool)}")
+                (line,) = ax.plot(lam, y, "o-", label=f"|D_post| = {results.tokens_label(pool)}")
                 best = int(np.argmin(y))
                 ax.scatter([lam[best]], [y[best]], marker="*", s=220, color=line.get_color())
             for pool, curve in ((p, c) for (c_m, p), c in ref.items() if c_m == cm):
@@ -154,7 +145,7 @@ def draw_lambda(
                     "x--",
                     color="k",
                     alpha=0.3 + 0.7 * pool / 300e6,
-                    label=f"paper 135M, {_tokens(pool)}",
+                    label=f"paper 135M, {results.tokens_label(pool)}",
                 )
             ax.set_xlabel("λ (share of D_post seen in pretraining)")
             ax.set_ylabel(label(loss, rows[0]))
@@ -204,7 +195,7 @@ def draw_all(
         paths += save(draw_frontiers(plain), os.path.join(out, "frontiers"))
     if set(_methods(plain)) - set(PLAIN):
         paths += save(draw_methods(plain), os.path.join(out, "methods"))
-    for pipe, mine in _by_pipeline(rows).items():
+    for pipe, mine in _by(rows, pipeline).items():
         if any(len(c) >= 2 for c in report.lambda_curves(mine).values()):
             name = "lambda_" + pipe.replace("->", "-")
             paths += save(draw_lambda(mine, reference), os.path.join(out, name))

@@ -3,7 +3,7 @@
 can be drawn beside them with the same code.
 """
 
-PIPELINE = "music->chem"
+PIPELINE = "musicpile->chempile"  # as configs/corpora.py names the real corpora
 FT_LR = 5e-5
 
 # Fig. 3a, stage 2 to convergence: |D_post| -> (lam, L_im, L_ret) per point.
@@ -35,8 +35,8 @@ def rows() -> list[dict]:
                     dict(
                         pipeline=PIPELINE,
                         d_pre="c4",
-                        d_post="music",
-                        d_ft="chem",
+                        d_post="musicpile",
+                        d_ft="chempile",
                         lam=lam,
                         compute_matched=compute_matched,
                         pool_tokens=pool,

@@ -5,11 +5,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from retention_jax.analysis import frontier
-from retention_jax.analysis.results import method, pipeline
+from retention_jax.analysis import frontier, paper
+from retention_jax.analysis.results import group, method, pipeline
 
 VIEWS = (("L_ft", "L_ret"), ("L_ret", "L_pre"))  # (x, y) projections of SCIENCE.md Fig. 2
-REFERENCE_FT_LR = 5e-5  # the stage-3 LR of SCIENCE.md Fig. 3
+REFERENCE_FT_LR = paper.FT_LR  # the stage-3 LR of SCIENCE.md Fig. 3
 
 _COLUMNS = (
     ("pipeline", "{:<14}", pipeline),
@@ -53,7 +53,7 @@ def points(rows: list[dict], view: tuple[str, str]) -> np.ndarray:
 
 
 def compare(rows: list[dict], a: str = "mixed", b: str = "unmixed") -> dict:
-    """Per pipeline and view: how frontier `a` compares with frontier `b`.
+    """Per group (pipeline, pool, exposure mode) and view: frontier `a` against `b`.
 
     Keys per view: b_dominated_by_a, a_dominated_by_b (shares of frontier points), area
     (between the staircases over x_lo..x_hi; > 0 when a is better; NaN if the x ranges do
@@ -63,10 +63,10 @@ def compare(rows: list[dict], a: str = "mixed", b: str = "unmixed") -> dict:
     their 95% confidence interval.
     """
     out = {}
-    for pipe in sorted({pipeline(r) for r in rows}):
+    for pipe in sorted({group(r) for r in rows}):
         by = defaultdict(list)  # (method, seed) -> rows
         for r in rows:
-            if pipeline(r) == pipe and method(r) in (a, b):
+            if group(r) == pipe and method(r) in (a, b):
                 by[method(r), r.get("seed", 0)].append(r)
         seeds = sorted({s for m, s in by if m == a} & {s for m, s in by if m == b})
         if not seeds:

@@ -46,3 +46,20 @@ def method(row: dict) -> str:
 
 def pipeline(row: dict) -> str:
     return row.get("pipeline") or f"{row['d_post']}->{row['d_ft']}"
+
+
+def tokens_label(n: int | None) -> str:
+    """300000000 -> '300M'."""
+    if n is None:
+        return "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def group(row: dict) -> str:
+    """Rows whose frontiers compare: one pipeline, one D_post pool, one exposure mode."""
+    label = f"{pipeline(row)}, |D_post| {tokens_label(row.get('pool_tokens'))}"
+    mode = row.get("exposure_mode", "add")
+    return label if mode == "add" else f"{label}, {mode}"

@@ -11,14 +11,16 @@ random-access permutations (permute.py) sit underneath. DOMAINS fixes the order 
 three domains: batch["domain"] indexes it and c.data.pre/.post/.ft configure them.
 """
 
-from retention_jax.data.checks import DOMAINS, validate
-from retention_jax.data.loader import loader, to_global, tokens_by_domain, validation_batches
+from retention_jax.data.checks import DOMAINS, STAGES, validate
+from retention_jax.data.loader import KEYS, loader, to_global, tokens_by_domain, validation_batches
 from retention_jax.data.plan import StagePlan, plan
 from retention_jax.data.store import Corpus, prepare
 from retention_jax.data.tokenizer import make_tokenizer
 
 __all__ = [
     "DOMAINS",
+    "KEYS",
+    "STAGES",
     "Corpus",
     "StagePlan",
     "loader",

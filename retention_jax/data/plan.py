@@ -18,8 +18,8 @@ train store) by `StagePlan.lookup`, a pure function of (seed, stage, slot):
              "replace": Q slots, E of them D_post.
   posttrain  num_steps = max_tokens // (batch·seq_len); D_post pool in epochs, a new
              seeded permutation per epoch. Replay: R = round(r·slots) slots, evenly
-             spaced, drawn from the Q stage-1 D_pre sequences (seen data, in epochs of
-             their own permutation). Compute-matched: the pool permutation's other
+             spaced, drawn from the D_pre sequences stage 1 saw (all Q in "add",
+             Q − E in "replace"), in epochs of their own permutation. Compute-matched: the pool permutation's other
              P − E sequences, a single pass; R = round(r·(P−E)/(1−r)); the last
              partial batch is padded (domain −1, segment ids 0), so the count is exact;
              λ = 1 gives 0 steps.
@@ -53,11 +53,19 @@ class Part:
     n: int
     key: int
     offset: int = 0
+    then: "Part | None" = None  # maps the result through another part's order (replay)
+
+    @property
+    def span(self) -> int:
+        """Store sequences the mapped indices can reach."""
+        return self.then.span if self.then is not None else self.n
 
     def map(self, rank: np.ndarray) -> np.ndarray:
         if self.kind == "epochs":
-            return epoch_permute(rank, self.n, self.key)
-        return permute(rank + self.offset, self.n, self.key)
+            out = epoch_permute(rank, self.n, self.key)
+        else:
+            out = permute(rank + self.offset, self.n, self.key)
+        return self.then.map(out) if self.then is not None else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +148,7 @@ def _finish(stage, cfg, batch, main, special=None, slots=None, steps=None) -> St
     for p in parts:
         seqs[DOMAINS[p.domain]] += p.count
         if p.count:
-            needs[DOMAINS[p.domain]] = max(needs[DOMAINS[p.domain]], p.n)
+            needs[DOMAINS[p.domain]] = max(needs[DOMAINS[p.domain]], p.span)
     total = sum(p.count for p in parts)
     if steps is None:
         steps = -(-total // batch)
@@ -175,7 +183,7 @@ def plan(stage: str, cfg) -> StagePlan:
         total = q + e if mode == "add" else q
         a, b = (float(x) for x in get(cfg, "pretrain.exposure.window"))
         w0, w1 = int(a * total), int(b * total)
-        main = Part(PRE, total - e, "epochs", q, derive_key(seed, stage, "pre"))
+        main = Part(PRE, total - e, "epochs", q, derive_key(seed, "pretrain", "pre"))
         special = Part(POST, e, "pool", p, pool_key, 0) if e else None
         return _finish(stage, cfg, batch, main, special, _even_slots(e, w0, w1 - w0))
     if stage == "posttrain":
@@ -192,8 +200,12 @@ def plan(stage: str, cfg) -> StagePlan:
             n_replay = round_half_up(r * total)
             main = Part(POST, total - n_replay, "epochs", p, derive_key(seed, stage, "post"))
         total = main.count + n_replay
+        # Replay draws from the D_pre sequences stage 1 actually saw: the first `seen`
+        # ranks of stage 1's D_pre order ("replace" gave E of its Q slots to D_post).
+        seen = q - e if get(cfg, "pretrain.exposure.mode") == "replace" else q
+        stage1 = Part(PRE, seen, "epochs", q, derive_key(seed, "pretrain", "pre"))
         special = (
-            Part(PRE, n_replay, "epochs", q, derive_key(seed, stage, "replay"))
+            Part(PRE, n_replay, "epochs", seen, derive_key(seed, stage, "replay"), then=stage1)
             if n_replay
             else None
         )
