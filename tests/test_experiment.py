@@ -140,12 +140,25 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch):
-    c = _tiny()
-    clean = str(tmp_path / "clean")
-    experiment.run(c, clean, only="pretrain")
+def _losses(run_dir):
+    """(step, loss) and (step, val/post) lines of metrics.jsonl: what a resume must repeat."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    return [(m["step"], m.get("loss"), m.get("val/post")) for m in lines]
 
-    killed = str(tmp_path / "killed")
+
+@pytest.mark.parametrize("name, kill_after", [("pretrain", 6), ("posttrain", 10)])
+def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch, name, kill_after):
+    """A stage dies mid-way (after a checkpoint); rerunning the command finishes it exactly
+    as an uninterrupted run: parameters, losses, evaluations, tokens and metric lines."""
+    c = _tiny()
+    (node,) = [n for n in experiment.expand(c) if n.stage == name]
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    for workdir in (clean, killed):
+        if name == "posttrain":
+            experiment.run(c, workdir, only="pretrain")
+    experiment.run(c, clean, only=name)
+
     original = train_lib.Steps.compile_train
 
     def dying(self, batch_shapes):
@@ -154,7 +167,7 @@ def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch):
 
         def step(*args):
             calls["n"] += 1
-            if calls["n"] > 6:  # after the checkpoint at step 4
+            if calls["n"] > kill_after:
                 raise _Killed()
             return exe(*args)
 
@@ -162,22 +175,24 @@ def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_lib.Steps, "compile_train", dying)
     with pytest.raises(_Killed):
-        experiment.run(c, killed, only="pretrain")
+        experiment.run(c, killed, only=name)
     monkeypatch.undo()
-    (pre,) = [n for n in experiment.expand(c) if n.stage == "pretrain"]
-    assert stage.read_result(os.path.join(killed, "runs", pre.id)) is None
-    assert checkpoint.manager(os.path.join(killed, "runs", pre.id, "ckpt")).latest_step() == 4
+    run_dirs = [os.path.join(w, "runs", node.id) for w in (clean, killed)]
+    assert stage.read_result(run_dirs[1]) is None
+    mngr = checkpoint.manager(os.path.join(run_dirs[1], "ckpt"), read_only=True)
+    assert 0 < mngr.latest_step() < kill_after + 1
 
-    experiment.run(c, killed, only="pretrain")
-    a = stage.read_result(os.path.join(clean, "runs", pre.id))
-    b = stage.read_result(os.path.join(killed, "runs", pre.id))
-    assert a["val"] == b["val"] and a["tokens"] == b["tokens"] and a["steps"] == b["steps"]
-    shapes = train_lib.steps_for(c.model, c.pretrain, _mesh(c), c.rules).state_shapes.params
+    experiment.run(c, killed, only=name)
+    a, b = (stage.read_result(d) for d in run_dirs)
+    for key in ("val", "tokens", "steps", "result_step", "evals", "stopped_early"):
+        assert a[key] == b[key], key
+    assert _losses(run_dirs[0]) == _losses(run_dirs[1])
+    shapes = train_lib.steps_for(
+        stage.model_config(c, name), c[name], _mesh(c), c.rules
+    ).state_shapes.params
     pa, pb = (
-        jax.device_get(
-            checkpoint.restore_params(os.path.join(w, "runs", pre.id, "ckpt"), a["steps"], shapes)
-        )
-        for w in (clean, killed)
+        jax.device_get(checkpoint.restore_params(os.path.join(d, "ckpt"), a["result_step"], shapes))
+        for d in run_dirs
     )
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 

@@ -17,8 +17,7 @@ import grain
 import numpy as np
 
 from retention_jax.data.checks import DOMAINS, get
-
-KEYS = ("inputs", "targets", "segment_ids", "positions")
+from retention_jax.data.packing import KEYS
 
 
 def _pad_rows(n: int, seq_len: int) -> dict:

@@ -14,6 +14,8 @@ first_fit  each document d (with EOS) gives pairs (d[:-1], d[1:]), cut into piec
 
 import numpy as np
 
+KEYS = ("inputs", "targets", "segment_ids", "positions")  # the arrays of a packed row
+
 
 class ConcatPacker:
     """Accumulates documents; `take(n)` returns the flat token array for n sequences."""
@@ -81,10 +83,9 @@ class FirstFitPacker:
 
     def take(self, n: int) -> dict:
         rows = self._closed[:n]
-        names = ("inputs", "targets", "segment_ids", "positions")
         if not rows:
-            return {k: np.zeros((0, self.seq_len), np.int32) for k in names}
-        return {k: np.stack([r[i] for r in rows]) for i, k in enumerate(names)}
+            return {k: np.zeros((0, self.seq_len), np.int32) for k in KEYS}
+        return {k: np.stack([r[i] for r in rows]) for i, k in enumerate(KEYS)}
 
     def flush(self) -> None:
         """Close all open rows (end of a finite source)."""

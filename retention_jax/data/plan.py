@@ -19,10 +19,10 @@ train store) by `StagePlan.lookup`, a pure function of (seed, stage, slot):
   posttrain  num_steps = max_tokens // (batch·seq_len); D_post pool in epochs, a new
              seeded permutation per epoch. Replay: R = round(r·slots) slots, evenly
              spaced, drawn from the D_pre sequences stage 1 saw (all Q in "add",
-             Q − E in "replace"), in epochs of their own permutation. Compute-matched: the pool permutation's other
-             P − E sequences, a single pass; R = round(r·(P−E)/(1−r)); the last
-             partial batch is padded (domain −1, segment ids 0), so the count is exact;
-             λ = 1 gives 0 steps.
+             Q − E in "replace"), in epochs of their own permutation.
+             Compute-matched: the pool permutation's other P − E sequences, a single
+             pass; R = round(r·(P−E)/(1−r)); the last partial batch is padded (domain
+             −1, segment ids 0), so the count is exact; λ = 1 gives 0 steps.
   finetune   K = finetune.tokens // seq_len sequences of the D_ft pool (F sequences),
              in epochs of seeded permutations, last partial batch padded.
 
@@ -39,7 +39,7 @@ from retention_jax.data import checks
 from retention_jax.data.checks import DOMAINS, get, round_half_up
 from retention_jax.data.permute import derive_key, epoch_permute, permute
 
-PRE, POST, FT = 0, 1, 2
+PRE, POST, FT = (DOMAINS.index(d) for d in ("pre", "post", "ft"))
 PAD = -1
 
 

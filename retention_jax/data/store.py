@@ -29,7 +29,6 @@ from retention_jax.data import sources
 from retention_jax.data.checks import DOMAINS, get
 
 VERSION = "store-v1"
-_NAMES = ("inputs", "targets", "segment_ids", "positions")
 
 
 def is_val(keys: list[str], val_fraction: float) -> np.ndarray:
@@ -55,7 +54,7 @@ class DomainStore:
         self.content = self.manifest["content"]
         self.arrays = {}
         for split in ("train", "val"):
-            names = ("tokens",) if self.packing == "concat" else _NAMES
+            names = ("tokens",) if self.packing == "concat" else packing_lib.KEYS
             self.arrays[split] = {
                 n: np.load(os.path.join(path, f"{split}_{n}.npy"), mmap_mode="r") for n in names
             }
@@ -74,7 +73,7 @@ class DomainStore:
                 "segment_ids": np.ones((n, s), np.int32),
                 "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (n, s)).copy(),
             }
-        return {k: np.asarray(arr[k][idx], dtype=np.int32) for k in _NAMES}
+        return {k: np.asarray(arr[k][idx], dtype=np.int32) for k in packing_lib.KEYS}
 
 
 def _content_key(src, tok, cfg, domain: str) -> str:
