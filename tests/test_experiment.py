@@ -2,30 +2,20 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from configs import default
-from retention_jax import checkpoint, data, experiment, stage
+from retention_jax import checkpoint, data, experiment, sharding, stage
 from retention_jax import train as train_lib
 
 
 def _rows(workdir):
     with open(os.path.join(workdir, experiment.RESULTS)) as f:
         return [json.loads(line) for line in f]
-
-
-def _tiny(**sweep):
-    """A one-leaf graph for the resume and branch tests (seconds, same shapes as smoke)."""
-    c = default.get_config("smoke")
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (sweep.get("lam", 0.0),)))
-    c.sweep.posttrain = (("posttrain.lr", (1e-3,)),)
-    c.sweep.finetune = (("finetune.lr", (1e-3,)),)
-    c.pretrain.tokens = 32_768
-    c.ckpt.every = 4
-    return c
 
 
 @pytest.mark.slow
@@ -96,7 +86,55 @@ def test_dry_run_lists_nodes_and_budgets(capsys):
     assert not os.path.exists("/nonexistent")
 
 
-def test_branch_starts_from_parent_params_with_fresh_optimizer(tmp_path, monkeypatch):
+def _smoke_node(name: str, lam: float = 0.0) -> experiment.Node:
+    nodes = experiment.expand(default.get_config("smoke"))
+    return next(n for n in nodes if n.stage == name and n.cfg.pretrain.exposure.lam == lam)
+
+
+def _copy_runs(src: str, dst: str, *nodes: experiment.Node) -> None:
+    """Reuses finished parents of the shared smoke run instead of training them again."""
+    for n in nodes:
+        shutil.copytree(os.path.join(src, "runs", n.id), os.path.join(dst, "runs", n.id))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _die_after(monkeypatch, steps: int) -> None:
+    """The next compiled train step raises after `steps` calls, like a killed job."""
+    original = train_lib.Steps.compile_train
+
+    def dying(self, batch_shapes):
+        exe, seconds = original(self, batch_shapes)
+        calls = {"n": 0}
+
+        def step(*args):
+            calls["n"] += 1
+            if calls["n"] > steps:
+                raise _Killed()
+            return exe(*args)
+
+        return step, seconds
+
+    monkeypatch.setattr(train_lib.Steps, "compile_train", dying)
+
+
+def _params(run_dir: str, step: int, node: experiment.Node):
+    c = node.cfg
+    mesh = sharding.make_mesh(c.mesh)
+    shapes = train_lib.steps_for(
+        stage.model_config(c, node.stage), c[node.stage], mesh, c.rules
+    ).state_shapes.params
+    return jax.device_get(checkpoint.restore_params(os.path.join(run_dir, "ckpt"), step, shapes))
+
+
+@pytest.mark.slow
+def test_branch_starts_from_parent_params_with_fresh_optimizer(
+    smoke_workdir, tmp_path, monkeypatch
+):
+    pre, post = _smoke_node("pretrain"), _smoke_node("posttrain")
+    _copy_runs(smoke_workdir, str(tmp_path), pre)
     seen = []
     original = train_lib.init_state
 
@@ -106,95 +144,61 @@ def test_branch_starts_from_parent_params_with_fresh_optimizer(tmp_path, monkeyp
         return state
 
     monkeypatch.setattr(train_lib, "init_state", spy)
-    c = _tiny()
-    c.sweep.posttrain = (("posttrain.lr", (1e-3,)),)
-    pre, post, _ = experiment.expand(c)
-    experiment.run(c, str(tmp_path), only="pretrain")
-    experiment.run(c, str(tmp_path), only="posttrain")
-    parent = stage.read_result(str(tmp_path / "runs" / pre.id))
-    shapes = train_lib.steps_for(
-        stage.model_config(c, "pretrain"), c.pretrain, _mesh(c), c.rules
-    ).state_shapes.params
-    parent_params = jax.device_get(
-        checkpoint.restore_params(
-            str(tmp_path / "runs" / pre.id / "ckpt"), parent["result_step"], shapes
-        )
-    )
-    params, opt, step = seen[-1]
+    _die_after(monkeypatch, 0)  # the branch is made; no step is needed
+    with pytest.raises(_Killed):
+        experiment.run(default.get_config("smoke"), str(tmp_path), only=post.id)
+    parent = stage.read_result(os.path.join(smoke_workdir, "runs", pre.id))
+    expected = _params(os.path.join(smoke_workdir, "runs", pre.id), parent["result_step"], pre)
+    ((params, opt, step),) = seen
     assert int(step) == 0
-    jax.tree.map(np.testing.assert_array_equal, params, parent_params)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
     adam = opt[1]
     assert int(adam.count) == 0
     assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves((adam.mu, adam.nu)))
-    meta = json.loads((tmp_path / "runs" / post.id / "config.json").read_text())
-    assert meta["identity"]["parent"] == pre.id
-
-
-def _mesh(c):
-    from retention_jax import sharding
-
-    return sharding.make_mesh(c.mesh)
-
-
-class _Killed(Exception):
-    pass
+    record = json.loads((tmp_path / "runs" / post.id / "config.json").read_text())
+    assert record["identity"]["parent"] == pre.id
 
 
 def _losses(run_dir):
-    """(step, loss) and (step, val/post) lines of metrics.jsonl: what a resume must repeat."""
+    """(step, loss, val/post) of metrics.jsonl lines: what a resume must repeat."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         lines = [json.loads(x) for x in f]
     return [(m["step"], m.get("loss"), m.get("val/post")) for m in lines]
 
 
-@pytest.mark.parametrize("name, kill_after", [("pretrain", 6), ("posttrain", 10)])
-def test_killed_stage_resumes_to_identical_result(tmp_path, monkeypatch, name, kill_after):
-    """A stage dies mid-way (after a checkpoint); rerunning the command finishes it exactly
-    as an uninterrupted run: parameters, losses, evaluations, tokens and metric lines."""
-    c = _tiny()
-    (node,) = [n for n in experiment.expand(c) if n.stage == name]
-    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
-    for workdir in (clean, killed):
-        if name == "posttrain":
-            experiment.run(c, workdir, only="pretrain")
-    experiment.run(c, clean, only=name)
-
-    original = train_lib.Steps.compile_train
-
-    def dying(self, batch_shapes):
-        exe, seconds = original(self, batch_shapes)
-        calls = {"n": 0}
-
-        def step(*args):
-            calls["n"] += 1
-            if calls["n"] > kill_after:
-                raise _Killed()
-            return exe(*args)
-
-        return step, seconds
-
-    monkeypatch.setattr(train_lib.Steps, "compile_train", dying)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, kill_after, resumed_at", [("pretrain", 20, 16), ("posttrain", 10, 8)]
+)
+def test_killed_stage_resumes_to_identical_result(
+    smoke_workdir, tmp_path, monkeypatch, name, kill_after, resumed_at
+):
+    """A stage dies mid-way; rerunning the command finishes it exactly as the uninterrupted
+    smoke run did: parameters, losses, evaluations, tokens and metric lines."""
+    node = _smoke_node(name)
+    if node.parent is not None:
+        _copy_runs(smoke_workdir, str(tmp_path), node.parent)
+    _die_after(monkeypatch, kill_after)
     with pytest.raises(_Killed):
-        experiment.run(c, killed, only=name)
+        experiment.run(default.get_config("smoke"), str(tmp_path), only=node.id)
     monkeypatch.undo()
-    run_dirs = [os.path.join(w, "runs", node.id) for w in (clean, killed)]
+    run_dirs = [os.path.join(w, "runs", node.id) for w in (smoke_workdir, str(tmp_path))]
     assert stage.read_result(run_dirs[1]) is None
-    mngr = checkpoint.manager(os.path.join(run_dirs[1], "ckpt"), read_only=True)
-    assert 0 < mngr.latest_step() < kill_after + 1
+    assert checkpoint.manager(os.path.join(run_dirs[1], "ckpt")).latest_step() == resumed_at
 
-    experiment.run(c, killed, only=name)
+    experiment.run(default.get_config("smoke"), str(tmp_path), only=node.id)
     a, b = (stage.read_result(d) for d in run_dirs)
     for key in ("val", "tokens", "steps", "result_step", "evals", "stopped_early"):
         assert a[key] == b[key], key
     assert _losses(run_dirs[0]) == _losses(run_dirs[1])
-    shapes = train_lib.steps_for(
-        stage.model_config(c, name), c[name], _mesh(c), c.rules
-    ).state_shapes.params
-    pa, pb = (
-        jax.device_get(checkpoint.restore_params(os.path.join(d, "ckpt"), a["result_step"], shapes))
-        for d in run_dirs
-    )
+    pa, pb = (_params(d, a["result_step"], node) for d in run_dirs)
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def _tiny():
+    c = default.get_config("smoke")
+    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0,)))
+    return c
 
 
 def test_changed_config_under_existing_id_is_refused(tmp_path):
