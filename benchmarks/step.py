@@ -15,7 +15,6 @@ host's matmul reaches". `--torch` (hf extra) times a `LlamaForCausalLM` step wit
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -111,18 +110,24 @@ def main(argv) -> None:
     n = model_lib.count_params(mcfg)
     fpt = model_lib.flops_per_token(mcfg, _SEQ.value)
     peak, source = perf.peak_flops(dtype=mcfg.dtype)
-    print(f"model {n:,} parameters, {fpt / 1e6:.1f} MFLOP/token; batch {_BATCH.value} × "
-          f"{_SEQ.value}; {jax.device_count()} × {jax.devices()[0].device_kind}; "
-          f"peak {peak / 1e12:.3f} TFLOP/s per device ({source})")
+    print(
+        f"model {n:,} parameters, {fpt / 1e6:.1f} MFLOP/token; batch {_BATCH.value} × "
+        f"{_SEQ.value}; {jax.device_count()} × {jax.devices()[0].device_kind}; "
+        f"peak {peak / 1e12:.3f} TFLOP/s per device ({source})"
+    )
     j = time_jax(mcfg, host, _STEPS.value)
     tp = perf.throughput(tokens, j["step_s"], fpt, peak)
-    print(f"jax:   compile {j['compile_s']:.1f}s  step {j['step_s'] * 1e3:.1f} ms  "
-          f"{tp['tokens_per_s']:,.0f} tok/s  {tp['tflops_per_device']:.4f} TFLOP/s/device  "
-          f"MFU {tp['mfu']:.1%}")
+    print(
+        f"jax:   compile {j['compile_s']:.1f}s  step {j['step_s'] * 1e3:.1f} ms  "
+        f"{tp['tokens_per_s']:,.0f} tok/s  {tp['tflops_per_device']:.4f} TFLOP/s/device  "
+        f"MFU {tp['mfu']:.1%}"
+    )
     if _TORCH.value:
         t = time_torch(mcfg, host, _STEPS.value)
-        print(f"torch: step {t['step_s'] * 1e3:.1f} ms  {tokens / t['step_s']:,.0f} tok/s "
-              f"({t['threads']} threads)  jax/torch speed {t['step_s'] / j['step_s']:.2f}×")
+        print(
+            f"torch: step {t['step_s'] * 1e3:.1f} ms  {tokens / t['step_s']:,.0f} tok/s "
+            f"({t['threads']} threads)  jax/torch speed {t['step_s'] / j['step_s']:.2f}×"
+        )
 
 
 if __name__ == "__main__":

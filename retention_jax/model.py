@@ -164,8 +164,10 @@ class Transformer(nnx.Module):
         causal_LxL = jnp.tril(jnp.ones((L, L), bool))
         same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
         mask_Bx1x1xLxL = (same_BxLxL & causal_LxL[None])[:, None, None]
+        # 0 where attended, the most negative float32 elsewhere: exp underflows to 0.
+        bias_Bx1x1xLxL = jnp.where(mask_Bx1x1xLxL, 0.0, jnp.finfo(jnp.float32).min)
         cos_TxE, sin_TxE = _rope(positions_BxL.reshape(B * L), cfg.head_dim, cfg.rope_base)
-        ctx = (mask_Bx1x1xLxL, cos_TxE.astype(dtype), sin_TxE.astype(dtype))
+        ctx = (bias_Bx1x1xLxL, cos_TxE.astype(dtype), sin_TxE.astype(dtype))
 
         block = _block_fn(cfg)
         if cfg.remat != "none":
@@ -176,7 +178,12 @@ class Transformer(nnx.Module):
             def step(x, w_and_i):
                 return block(*w_and_i, x, ctx, dropout_key), None
 
-            x_TxD, _ = jax.lax.scan(step, x_TxD, (w, jnp.arange(cfg.n_layers)))
+            # XLA:CPU runs a scan as a while loop that zero-fills, then copies in and out,
+            # a stacked buffer for every residual the backward pass keeps (~15% of a
+            # SmolLM2-135M step); unrolled, each layer's residuals are plain buffers. On
+            # accelerators the loop stays rolled (compile time, memory scheduling).
+            unroll = cfg.n_layers if jax.default_backend() == "cpu" else 1
+            x_TxD, _ = jax.lax.scan(step, x_TxD, (w, jnp.arange(cfg.n_layers)), unroll=unroll)
         else:
             for i in range(cfg.n_layers):
                 w_i = jax.tree.map(lambda a, i=i: a[i], w)
@@ -198,8 +205,8 @@ def _block_fn(cfg: mlc.ConfigDict) -> Callable:
     G = H // K
 
     def block(w, i, x_TxD, ctx, key):
-        mask_Bx1x1xLxL, cos_TxE, sin_TxE = ctx
-        B, L = mask_Bx1x1xLxL.shape[0], mask_Bx1x1xLxL.shape[-1]
+        bias_Bx1x1xLxL, cos_TxE, sin_TxE = ctx
+        B, L = bias_Bx1x1xLxL.shape[0], bias_Bx1x1xLxL.shape[-1]
         key = None if key is None else jax.random.fold_in(key, i)
 
         def drop(y, p, site):
@@ -216,17 +223,19 @@ def _block_fn(cfg: mlc.ConfigDict) -> Callable:
         h_TxD = _rms_norm(x_TxD, w["attn_norm"], cfg.norm_eps)
         q_TxHxE = _apply_rope(proj("q", h_TxD), cos_TxE, sin_TxE) * (E**-0.5)
         k_TxKxE = _apply_rope(proj("k", h_TxD), cos_TxE, sin_TxE)
-        v_BxLxKxE = proj("v", h_TxD).reshape(B, L, K, E)
+        # Head-major layouts make both attention matmuls plain batched matmuls over (B, K)
+        # with no transpose of an LxL tensor: only the small q/k/v/output tensors move.
+        q_BxKxGxLxE = q_TxHxE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
+        k_BxKxLxE = k_TxKxE.reshape(B, L, K, E).transpose(0, 2, 1, 3)
+        v_BxKxLxE = proj("v", h_TxD).reshape(B, L, K, E).transpose(0, 2, 1, 3)
         s_BxKxGxLxL = jnp.einsum(
-            "BLKGE,BMKE->BKGLM",
-            q_TxHxE.reshape(B, L, K, G, E),
-            k_TxKxE.reshape(B, L, K, E),
-            preferred_element_type=jnp.float32,
+            "BKGLE,BKME->BKGLM", q_BxKxGxLxE, k_BxKxLxE, preferred_element_type=jnp.float32
         )
-        s_BxKxGxLxL = jnp.where(mask_Bx1x1xLxL, s_BxKxGxLxL, jnp.finfo(jnp.float32).min)
-        p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL, axis=-1).astype(x_TxD.dtype)
+        # An additive mask fuses into the softmax and needs no select in the backward pass.
+        p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL + bias_Bx1x1xLxL, axis=-1).astype(x_TxD.dtype)
         p_BxKxGxLxL = drop(p_BxKxGxLxL, rate.attn, _ATTN)
-        a_BxLxKxGxE = jnp.einsum("BKGLM,BMKE->BLKGE", p_BxKxGxLxL, v_BxLxKxE)
+        a_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", p_BxKxGxLxL, v_BxKxLxE)
+        a_BxLxKxGxE = a_BxKxGxLxE.transpose(0, 3, 1, 2, 4)
         a_TxD = proj("o", a_BxLxKxGxE.reshape(B * L, H, E))
         x_TxD = x_TxD + drop(a_TxD, rate.resid, _RESID_ATTN)
 

@@ -66,13 +66,38 @@ def make_tx(static: dict) -> optax.GradientTransformation:
     )
 
 
+@jax.custom_vjp
+def _xent(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Per-token cross-entropy, log-sum-exp minus the target's logit (float32 logits)."""
+    return _xent_fwd(logits_BxLxV, targets_BxL)[0]
+
+
+def _xent_fwd(logits_BxLxV, targets_BxL):
+    max_BxL = logits_BxLxV.max(axis=-1)
+    lse_BxL = jnp.log(jnp.exp(logits_BxLxV - max_BxL[..., None]).sum(axis=-1)) + max_BxL
+    target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return lse_BxL - target_BxL, (logits_BxLxV, lse_BxL, targets_BxL)
+
+
+def _xent_bwd(res, g_BxL):
+    """softmax - one_hot in one elementwise pass over the logits: autodiff would add a
+    scatter for the gather (a serial loop on XLA:CPU) and extra passes over B×L×V."""
+    logits_BxLxV, lse_BxL, targets_BxL = res
+    vocab_V = jnp.arange(logits_BxLxV.shape[-1], dtype=targets_BxL.dtype)
+    hit_BxLxV = vocab_V[None, None] == targets_BxL[..., None]
+    p_BxLxV = jnp.exp(logits_BxLxV - lse_BxL[..., None])
+    dlogits_BxLxV = g_BxL[..., None] * (p_BxLxV - hit_BxLxV.astype(jnp.float32))
+    return dlogits_BxLxV, None
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
 def cross_entropy(
     logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy over real target tokens, and their count."""
-    xent_BxL = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV.astype(jnp.float32), targets_BxL
-    )
+    xent_BxL = _xent(logits_BxLxV.astype(jnp.float32), targets_BxL)
     w_BxL = mask_BxL.astype(jnp.float32)
     return (xent_BxL * w_BxL).sum(), w_BxL.sum()
 
