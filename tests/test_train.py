@@ -1,0 +1,139 @@
+"""The shared train step: golden losses, mesh invariance, shardings, schedule, AOT 1B."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, models
+from retention_jax import model as model_lib
+from retention_jax import sharding, train
+
+# Tiny config, seed 0, the batch below, pretrain optimizer with 100 total steps.
+GOLDEN_LOSSES = [6.269769, 6.233201, 6.16709]
+
+# Parameter shardings of the tiny model on mesh (data 2, fsdp 2, tensor 2).
+SHARDING_TABLE = {
+    "embed": "P('tensor', 'fsdp')",
+    "final_norm": "P('fsdp',)",
+    "layers/attn_norm": "P(None, 'fsdp')",
+    "layers/mlp_norm": "P(None, 'fsdp')",
+    "layers/q": "P(None, 'fsdp', 'tensor', None)",
+    "layers/k": "P(None, 'fsdp', 'tensor', None)",
+    "layers/v": "P(None, 'fsdp', 'tensor', None)",
+    "layers/o": "P(None, 'tensor', None, 'fsdp')",
+    "layers/gate": "P(None, 'fsdp', 'tensor')",
+    "layers/up": "P(None, 'fsdp', 'tensor')",
+    "layers/down": "P(None, 'tensor', 'fsdp')",
+}
+
+
+def _batch(batch=8, length=64, seed=0):
+    toks = np.random.RandomState(seed).randint(1, 300, (batch, length + 1)).astype(np.int32)
+    segment_ids = np.ones((batch, length), np.int32)
+    segment_ids[-1, length // 2 :] = 0  # one padded tail: no loss there
+    return dict(
+        inputs=toks[:, :-1],
+        targets=toks[:, 1:],
+        segment_ids=segment_ids,
+        positions=np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+    )
+
+
+def _run(mesh_sizes, n_steps=3, opt_overrides=None):
+    c = base.get_config()
+    opt = c.pretrain
+    if opt_overrides:
+        opt.update(opt_overrides)
+    n = int(np.prod(list(mesh_sizes.values())))
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:n])
+    steps = train.steps_for(c.model, opt, mesh, c.rules)
+    params = nnx.state(model_lib.create(c.model, mesh, c.rules, 0))
+    state = train.init_state(steps, params, opt, 100)
+    batch = {k: jax.device_put(v, steps.batch_sharding) for k, v in _batch().items()}
+    shapes = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()
+    }
+    exe, _ = steps.compile_train(shapes)
+    out = []
+    for _ in range(n_steps):
+        state, m = exe(state, batch, jax.random.PRNGKey(0))
+        out.append(jax.device_get(m))
+    return out, state, steps
+
+
+def test_golden_losses_one_device():
+    metrics, state, _ = _run(dict(data=1, fsdp=1, tensor=1))
+    losses = [float(m["loss"]) for m in metrics]
+    assert int(state.step) == 3
+    assert metrics[0]["tokens"] == 8 * 64 - 32
+    np.testing.assert_allclose(losses, GOLDEN_LOSSES, rtol=0, atol=2e-5)
+
+
+def test_eight_devices_match_one():
+    one, _, _ = _run(dict(data=1, fsdp=1, tensor=1))
+    eight, state, steps = _run(dict(data=2, fsdp=2, tensor=2))
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    table = {
+        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): str(x.sharding.spec)
+        for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    }
+    assert table == SHARDING_TABLE
+    # Adam moments are sharded like their parameters.
+    mu = state.opt[1].mu
+    assert jax.tree.map(lambda x: x.sharding.spec, mu) == jax.tree.map(
+        lambda x: x.sharding.spec, state.params
+    )
+
+
+def test_schedule_warmup_then_cosine():
+    hp = train.hparams(base.get_config().pretrain, total_steps=110)
+    hp.update(lr=jnp.float32(1.0), min_lr=jnp.float32(0.1), warmup_steps=jnp.float32(10))
+    lrs = [float(train.learning_rate(jnp.int32(s), hp)) for s in (0, 4, 9, 10, 60, 110, 200)]
+    np.testing.assert_allclose(lrs, [0.1, 0.5, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+
+
+def test_weight_decay_skips_norms():
+    c = base.get_config()
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    params = nnx.state(model_lib.create(c.model, mesh, c.rules, 0))
+    decayed = {
+        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): train.decays(path, ("norm",))
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    assert not decayed["final_norm"] and not decayed["layers/attn_norm"]
+    assert decayed["embed"] and decayed["layers/q"] and decayed["layers/down"]
+
+
+def test_stages_share_one_compiled_step():
+    """Different LR, warmup and decay (traced hyperparameters) reuse the executable."""
+    before = train.COMPILES["train"]
+    _run(dict(data=1, fsdp=1, tensor=1), n_steps=1)
+    mid = train.COMPILES["train"]
+    _run(dict(data=1, fsdp=1, tensor=1), 1, dict(lr=5e-4, warmup_steps=3, weight_decay=0.0))
+    assert train.COMPILES["train"] == mid <= before + 1
+
+
+@pytest.mark.slow
+def test_1b_compiles_ahead_of_time_on_eight_devices():
+    c = base.get_config()
+    m = models.paper_1b()
+    m.remat = "full"
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    steps = train.steps_for(m, c.pretrain, mesh, c.rules)
+    shape = jax.ShapeDtypeStruct((8, 1024), jnp.int32, sharding=steps.batch_sharding)
+    exe, seconds = steps.compile_train(
+        dict.fromkeys(("inputs", "targets", "segment_ids", "positions"), shape)
+    )
+    mem = exe.memory_analysis()
+    n = model_lib.count_params(m)
+    # Parameters and both Adam moments, fp32, split over fsdp=4, are the per-device arguments.
+    assert mem.argument_size_in_bytes == pytest.approx(3 * 4 * n / 4, rel=0.02)
+    gib = 2**30
+    print(
+        f"1B AOT compile {seconds:.1f}s; per-device args {mem.argument_size_in_bytes / gib:.2f}"
+        f" GiB, temp {mem.temp_size_in_bytes / gib:.2f} GiB"
+    )
