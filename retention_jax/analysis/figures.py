@@ -96,7 +96,7 @@ def draw_frontiers(rows: list[dict], methods: list[str] | None = None) -> Figure
     for (pipe, mine), row_axes in zip(pipes.items(), axes, strict=True):
         for ax, view in zip(row_axes, report.VIEWS, strict=True):
             _frontier_panel(ax, mine, view, methods)
-            ax.set_title(f"{pipe} (D_pre {mine[0].get('d_pre', '?')}): lower-left is better")
+            ax.set_title(f"{pipe} (D_pre {mine[0].get('d_pre', '?')})\nlower-left is better")
         row_axes[0].legend(fontsize=8)
     return fig
 
