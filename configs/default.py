@@ -1,6 +1,6 @@
 r"""The built-in experiment: the paper's three-stage pipeline on a laptop CPU.
 
-  python main.py                                   # this config, ~10 minutes on 2 cores
+  python main.py                                   # this config, ~9 minutes on 2 cores
   python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # ~1 minute
 
 Built-in domains stand for C4 → MusicPile → ChemPile (prose → music → chem). Stage 1
@@ -16,6 +16,12 @@ from configs import base
 
 def get_config(arg: str = "") -> "base.mlc.ConfigDict":
     c = base.get_config()
+    c.data.post_pool_tokens = 100_000
+    c.data.ft_pool_tokens = 100_000
+    c.pretrain.tokens = 400_000
+    c.posttrain.max_tokens = 300_000
+    c.posttrain.early_stop.update(every=25, patience=2)
+    c.finetune.tokens = 40_960
     c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 1.0)))
     c.sweep.posttrain = (("posttrain.lr", (1e-3, 3e-3)),)
     c.sweep.finetune = (("finetune.lr", (3e-4, 1e-3, 3e-3, 1e-2)),)
