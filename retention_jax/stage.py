@@ -235,6 +235,14 @@ def run(
         state = train_lib.init_state(steps, params, sc, plan.num_steps)
     stopper = _EarlyStop(es_cfg.patience, es_cfg.min_delta, progress["early_stop"])
 
+    if 0 < plan.num_steps <= sc.warmup_steps:
+        logging.warning(
+            "%s: %s.warmup_steps=%d covers the whole stage of %d steps; the LR never peaks",
+            run_dir,
+            stage,
+            sc.warmup_steps,
+            plan.num_steps,
+        )
     step = int(jax.device_get(state.step))
     compile_s = 0.0
     if step < plan.num_steps:
@@ -273,26 +281,29 @@ def run(
         )
 
     metrics = None
-    while step < plan.num_steps and not stopped:
-        host = next(it)
-        local_tokens += data.tokens_by_domain(host)
-        state, metrics = exe(state, data.to_global(host, mesh, steps.batch_sharding.spec), rng)
-        step += 1
-        reporter.flush()  # the previous step's metrics, now that this one is dispatched
-        if early and (step % es_cfg.every == 0 or step == plan.num_steps):
-            val = evaluate.losses(steps, state.params, corpus, ("post",), cfg.eval.batch)["post"]
-            _check_finite(step, {"val/post": val})
-            progress["evals"].append([step, val])
-            stopped = stopper.update(step, val)
-            log.write(step, {"val/post": val})
-            save(metrics, val_loss=val if stopper.best_step == step else None)
-        elif step % cfg.ckpt.every == 0 or step == plan.num_steps:
+    try:
+        while step < plan.num_steps and not stopped:
+            host = next(it)
+            local_tokens += data.tokens_by_domain(host)
+            batch = data.to_global(host, mesh, steps.batch_sharding.spec)
+            state, metrics = exe(state, batch, rng)
+            step += 1
+            reporter.flush()  # the previous step's metrics, now that this one is dispatched
+            if early and (step % es_cfg.every == 0 or step == plan.num_steps):
+                val = evaluate.losses(steps, state.params, corpus, ("post",), cfg.eval.batch)
+                _check_finite(step, {"val/post": val["post"]})
+                progress["evals"].append([step, val["post"]])
+                stopped = stopper.update(step, val["post"])
+                log.write(step, {"val/post": val["post"]})
+                save(metrics, val_loss=val["post"] if stopper.best_step == step else None)
+            elif step % cfg.ckpt.every == 0 or step == plan.num_steps:
+                save(metrics)
+            elif step % cfg.log.every == 0:
+                reporter.pending = (step, metrics)
+        if mngr.latest_step() != step:  # a stage of no steps, or resumed at its end
             save(metrics)
-        elif step % cfg.log.every == 0:
-            reporter.pending = (step, metrics)
-    if mngr.latest_step() != step:  # a stage of no steps, or resumed at its end
-        save(metrics)
-    mngr.wait_until_finished()
+    finally:  # a failing stage still commits the checkpoint it was writing
+        mngr.wait_until_finished()
 
     result_step = stopper.best_step if early and progress["evals"] else step
     params = state.params

@@ -167,6 +167,7 @@ class Steps:
     state_shapes: TrainState  # ShapeDtypeStructs with shardings: AOT and restore target
     train: Callable
     evaluate: Callable
+    init_opt: Callable  # params -> fresh optimizer state, in its shardings
     compiled: dict = dataclasses.field(default_factory=dict)
 
     def compile_train(self, batch_shapes: dict) -> tuple[Callable, float]:
@@ -227,7 +228,10 @@ def steps_for(model_cfg: mlc.ConfigDict, opt: mlc.ConfigDict, mesh, rules) -> St
         in_shardings=(param_sh, batch_sh),
         out_shardings=replicated,
     )
-    steps = Steps(graphdef, static, mesh, state_sh, batch_sh, state_shapes, train, evaluate)
+    init_opt = jax.jit(make_tx(static).init, out_shardings=opt_sh)
+    steps = Steps(
+        graphdef, static, mesh, state_sh, batch_sh, state_shapes, train, evaluate, init_opt
+    )
     _STEPS[key] = steps
     return steps
 
@@ -236,10 +240,9 @@ def init_state(
     steps: Steps, params: nnx.State, opt: mlc.ConfigDict, total_steps: int
 ) -> TrainState:
     """A fresh optimizer and schedule around `params` (a new stage or a branch)."""
-    init = jax.jit(make_tx(steps.static).init, out_shardings=steps.state_sharding.opt)
     hp = jax.device_put(hparams(opt, total_steps), steps.state_sharding.hp)
     step = jax.device_put(jnp.zeros((), jnp.int32), steps.state_sharding.step)
-    return TrainState(step, params, init(params), hp)
+    return TrainState(step, params, steps.init_opt(params), hp)
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

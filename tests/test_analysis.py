@@ -106,7 +106,7 @@ def test_report_table_and_compare():
 
 def test_compare_with_seeds_gives_mean_and_ci():
     c = report.compare(synthetic.rows(seeds=(0, 1, 2)))
-    view = c["music->chem"]["(L_ft, L_ret)"]
+    view = c["music->chem, |D_post| 200K"]["(L_ft, L_ret)"]
     assert view["seeds"] == 3
     assert view["area"] > 0 and view["area_ci95"] > 0
     assert view["b_dominated_by_a"] > 0.9
@@ -146,21 +146,17 @@ def test_frontier_figure_counts():
     rows = synthetic.rows()
     fig = figures.draw_frontiers(rows)
     axes = fig.get_axes()
-    assert len(axes) == 2 * 2  # two pipelines x two views
-    per_method = {
-        m: sum(1 for r in rows if r["pipeline"] == "music->chem" and r["method"] == m)
-        for m in ("unmixed", "mixed")
-    }
+    assert len(axes) == 2 * 2 * 2  # (two pipelines x two pools) x two views
+    first = [r for r in rows if results.group(r) == "music->chem, |D_post| 100K"]
+    per_method = {m: sum(1 for r in first if r["method"] == m) for m in ("unmixed", "mixed")}
     for ax in axes:
         assert _scatter_sizes(ax) == [per_method["unmixed"], per_method["mixed"]]
         assert len(ax.get_lines()) == 2
         assert ax.get_xlabel().startswith(("L_ft: chem", "L_ft: qa", "L_ret: music"))
     ax = axes[0]
+    assert ax.get_title().startswith("music->chem, |D_post| 100K")
     front = frontier.pareto_front(
-        report.points(
-            [r for r in rows if r["pipeline"] == "music->chem" and r["method"] == "mixed"],
-            ("L_ft", "L_ret"),
-        )
+        report.points([r for r in first if r["method"] == "mixed"], ("L_ft", "L_ret"))
     )
     np.testing.assert_allclose(ax.get_lines()[1].get_xdata(), front[:, 0])
 
@@ -168,7 +164,8 @@ def test_frontier_figure_counts():
 def test_methods_and_lambda_figure_counts():
     rows = synthetic.rows(pipelines=("music->chem",), seeds=(0, 1))
     fig = figures.draw_methods(rows)
-    (ax,) = fig.get_axes()
+    small, ax = fig.get_axes()  # one panel per pool; the methods ran at the larger one
+    assert len(small.get_lines()) == 2  # unmixed, mixed
     assert len(ax.get_lines()) == 6  # unmixed, mixed, mixed+{dropout,replay}, unmixed+{...}
     assert len(_scatter_sizes(ax)) == 6
     fig = figures.draw_lambda(rows, reference="paper")

@@ -60,6 +60,8 @@ def tokens_label(n: int | None) -> str:
 
 def group(row: dict) -> str:
     """Rows whose frontiers compare: one pipeline, one D_post pool, one exposure mode."""
-    label = f"{pipeline(row)}, |D_post| {tokens_label(row.get('pool_tokens'))}"
+    label = pipeline(row)
+    if row.get("pool_tokens") is not None:
+        label += f", |D_post| {tokens_label(row['pool_tokens'])}"
     mode = row.get("exposure_mode", "add")
     return label if mode == "add" else f"{label}, {mode}"
