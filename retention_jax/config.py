@@ -109,6 +109,15 @@ def _rules(rules) -> None:
             _fail("rules", rule, f"unique (logical name, None | mesh axes of {sharding.AXES})")
 
 
+def assign(cfg: mlc.ConfigDict, path: str, value: Any) -> None:
+    """Sets a dotted config path ("pretrain.exposure.lam") to `value`."""
+    *head, last = path.split(".")
+    node = cfg
+    for key in head:
+        node = node[key]
+    node[last] = value
+
+
 def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
     node = cfg
     for key in path.split("."):

@@ -59,14 +59,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _assign(cfg: mlc.ConfigDict, path: str, value) -> None:
-    *head, last = path.split(".")
-    node = cfg
-    for key in head:
-        node = node[key]
-    node[last] = value
-
-
 def _product(sweep: tuple) -> Iterable[dict]:
     keys = [path for path, _ in sweep]
     for values in itertools.product(*(values for _, values in sweep)):
@@ -83,7 +75,7 @@ def expand(cfg: mlc.ConfigDict) -> list[Node]:
             for values in _product(cfg.sweep[name]):
                 c = mlc.ConfigDict(base.to_dict())
                 for path, value in values.items():
-                    _assign(c, path, value)
+                    config_lib.assign(c, path, value)
                 probe = Node("", name, c, parent, values)
                 layer.append(Node(f"{name}-{_digest(probe.identity)}", name, c, parent, values))
         nodes += layer

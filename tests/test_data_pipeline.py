@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from retention_jax import data
+from retention_jax import config, data
 from retention_jax.data import builtin, packing, sources, store
 
 S = 32
@@ -28,11 +28,7 @@ def cfg(cache, **kw):
     c.finetune.batch = 8
     c = mlc.ConfigDict(c.to_dict(), type_safe=False)
     for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+        config.assign(c, k, v)
     return c
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from retention_jax import data
+from retention_jax import config, data
 from retention_jax.data.permute import epoch_permute, permute
 
 S = 32  # seq_len: the rounding unit is one sequence of S target tokens
@@ -26,11 +26,7 @@ def cfg(**kw):
     c.finetune.batch = 16
     c = mlc.ConfigDict(c.to_dict(), type_safe=False)
     for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+        config.assign(c, k, v)
     return c
 
 

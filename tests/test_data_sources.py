@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import base
-from retention_jax import data
+from retention_jax import config, data
 from retention_jax.data import sources
 
 S = 32
@@ -95,11 +95,7 @@ def cfg(tmp, tokenizer="byte", **kw):
     c.finetune.tokens = 20 * S
     c = mlc.ConfigDict(c.to_dict(), type_safe=False)
     for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+        config.assign(c, k, v)
     return c
 
 
