@@ -37,10 +37,7 @@ def test_notebooks_found():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("workdir", ["synthetic", pytest.param("smoke", marks=pytest.mark.slow)])
 def test_notebook_runs(path, workdir, request, tmp_path):
-    try:
-        wd = request.getfixturevalue(f"{workdir}_workdir")
-    except pytest.FixtureLookupError:
-        pytest.skip(f"no {workdir}_workdir fixture in conftest yet")
+    wd = request.getfixturevalue(f"{workdir}_workdir")
     nb = run_notebook(path, wd, str(tmp_path))
     errors = [
         o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
