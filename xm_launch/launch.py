@@ -35,6 +35,13 @@ def waves(cfg) -> list[list[str]]:
     return [[n.id for n in nodes if n.stage == s] for s in stage.STAGES]
 
 
+def _install() -> str:
+    """The job's install line: JAX for the accelerator the jobs request."""
+    if _ACCELERATOR.value.upper().startswith("TPU"):
+        return "pip install -e . 'jax[tpu]'"
+    return "pip install -e '.[cuda]'"
+
+
 async def _launch(plan: list[list[str]], config_args: list[str]) -> None:
     from xmanager import xm, xm_local
 
@@ -44,9 +51,7 @@ async def _launch(plan: list[list[str]], config_args: list[str]) -> None:
                 xm.python_container(
                     executor_spec=xm_local.Vertex.Spec(),
                     path=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    entrypoint=xm.CommandList(
-                        ["pip install -e .[cuda] || pip install -e .", "python main.py $@"]
-                    ),
+                    entrypoint=xm.CommandList([_install(), "python main.py $@"]),
                 )
             ]
         )
