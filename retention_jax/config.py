@@ -147,7 +147,7 @@ def _sweep(cfg: mlc.ConfigDict) -> None:
         for path, values in pairs:
             if not _has_path(cfg, path):
                 _fail(f"sweep.{name}", path, "dotted paths of existing config keys")
-            if not (path == "seed" or path.startswith(SWEEPABLE[name])):
+            if not path.startswith(SWEEPABLE[name]):
                 _fail(f"sweep.{name}", path, f"paths under {SWEEPABLE[name]}")
             if not isinstance(values, list | tuple) or not values:
                 _fail(f"sweep.{name}.{path}", values, "a non-empty list of values")

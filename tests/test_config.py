@@ -96,6 +96,13 @@ def test_bad_sweeps_are_named():
         config.validate(c)
 
 
+def test_seed_is_swept_with_pretraining_only():
+    c = base.get_config()
+    c.sweep.posttrain = (("seed", (0, 1)),)  # would split one pool differently per branch
+    with pytest.raises(ValueError, match=r"sweep.posttrain='seed'"):
+        config.validate(c)
+
+
 def test_bad_rules_are_named():
     c = base.get_config()
     c.rules = (("embed", "fsdp"), ("mlp", "model"))
