@@ -201,6 +201,8 @@ def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str =
     Returns the rows of every finished leaf.
     """
     config_lib.validate(cfg)
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
     nodes = expand(cfg)
     for n in nodes:
         config_lib.validate(n.cfg)

@@ -176,17 +176,19 @@ def test_killed_stage_resumes_to_identical_result(
     """A stage dies mid-way; rerunning the command finishes it exactly as the uninterrupted
     smoke run did: parameters, losses, evaluations, tokens and metric lines."""
     node = _smoke_node(name)
+    workdir = str(tmp_path / "killed")
     if node.parent is not None:
-        _copy_runs(smoke_workdir, str(tmp_path), node.parent)
+        _copy_runs(smoke_workdir, workdir, node.parent)
     _die_after(monkeypatch, kill_after)
+    monkeypatch.chdir(tmp_path)  # the first attempt names its work directory relatively
     with pytest.raises(_Killed):
-        experiment.run(default.get_config("smoke"), str(tmp_path), only=node.id)
+        experiment.run(default.get_config("smoke"), "killed", only=node.id)
     monkeypatch.undo()
-    run_dirs = [os.path.join(w, "runs", node.id) for w in (smoke_workdir, str(tmp_path))]
+    run_dirs = [os.path.join(w, "runs", node.id) for w in (smoke_workdir, workdir)]
     assert stage.read_result(run_dirs[1]) is None
     assert checkpoint.manager(os.path.join(run_dirs[1], "ckpt")).latest_step() == resumed_at
 
-    experiment.run(default.get_config("smoke"), str(tmp_path), only=node.id)
+    experiment.run(default.get_config("smoke"), workdir, only=node.id)
     a, b = (stage.read_result(d) for d in run_dirs)
     for key in ("val", "tokens", "steps", "result_step", "evals", "stopped_early"):
         assert a[key] == b[key], key
