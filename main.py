@@ -2,7 +2,7 @@ r"""Runs an experiment graph: the built-in CPU default unless --config says othe
 
 python main.py
 python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke
-python main.py --config=configs/135m_musicpile_chempile.py --workdir=gs://... --dry_run
+python main.py --config=configs/paper_1b.py:musicpile-chempile --workdir=gs://... --dry_run
 """
 
 import jax
@@ -18,13 +18,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directories, results and figures.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (nodes, tokens, FLOPs) and exit.")
 _ONLY = flags.DEFINE_string("only", "", "Run only these nodes: comma-separated ids or stages.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", 0, "With --dry_run: validate for this many devices (default: the config's mesh)."
+)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
     sharding.initialize_distributed()
-    rows = experiment.run(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value, only=_ONLY.value)
+    rows = experiment.run(
+        _CONFIG.value,
+        _WORKDIR.value,
+        dry_run=_DRY_RUN.value,
+        only=_ONLY.value,
+        devices=_DEVICES.value or None,
+    )
     if rows and jax.process_index() == 0:
         print(report.table(rows))
         print(report.format_compare(report.compare(rows)))

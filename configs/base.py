@@ -2,7 +2,7 @@
 
 Not run by itself: `configs/default.py` is the built-in experiment. Keys:
 
-  model       a preset from configs/models.py
+  model       a preset from retention_jax/presets.py
   mesh        sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices
   rules       parameters' logical axis names -> mesh axes
   data        tokenizer, sequence length, packing, the three domains and pool sizes
@@ -15,14 +15,16 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
 
 import ml_collections as mlc
 
-from configs import models
+from retention_jax import presets
 
 
 def _optimizer(**kw) -> dict:
     opt = dict(
-        lr=1e-3,
-        min_lr=1e-4,
+        lr=1e-3,  # peak
+        min_lr=1e-4,  # the cosine's floor; above `lr` it is clamped to `lr`
         warmup_steps=100,
+        warmup_fraction=0.0,  # > 0: warmup is this fraction of the stage's steps instead
+        horizon_tokens=0,  # > 0: the cosine reaches min_lr after this many tokens, not at the end
         weight_decay=0.1,
         b1=0.9,
         b2=0.95,
@@ -43,7 +45,7 @@ def _domain(source: str, name: str) -> dict:
 def get_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
-    c.model = models.tiny()
+    c.model = presets.tiny()
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Parameters' logical axes -> mesh axes. Batch rows always split over data×fsdp.
     c.rules = (

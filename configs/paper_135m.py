@@ -11,7 +11,8 @@ sweep. Stage-1 LR and batch are not given by the paper (the 1B values are used).
 Produces results.jsonl, the frontier and methods figures.
 """
 
-from configs import base, corpora, models
+from configs import base, corpora
+from retention_jax import presets
 
 M = 1_000_000
 
@@ -20,7 +21,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     pipeline, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
     c = base.get_config()
     corpora.set_pipeline(c, pipeline, smoke)
-    c.model = models.smollm2_135m()
+    c.model = presets.smollm2_135m()
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"
     c.data.tokenizer = "hf:HuggingFaceTB/SmolLM2-135M"
@@ -49,7 +50,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
 
 def shrink(c) -> None:
     """Same graph shape, CPU sizes: tiny model, byte tokenizer, built-in data."""
-    c.model = models.tiny()
+    c.model = presets.tiny()
     c.data.tokenizer = "byte"
     c.data.seq_len = 64
     c.data.update(post_pool_tokens=8_192, ft_pool_tokens=8_192, val_tokens=2_048)

@@ -11,7 +11,8 @@ LR of 5e-5 lies above the two lowest peaks, so the minimum here is 1e-5; dropout
 sweep. 5 × 3 = 15 leaves per λ. Produces results.jsonl and figures.
 """
 
-from configs import base, corpora, models, paper_135m
+from configs import base, corpora, paper_135m
+from retention_jax import presets
 
 M = 1_000_000
 
@@ -19,7 +20,7 @@ M = 1_000_000
 def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     _, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
     c = paper_135m.get_config(arg)
-    c.model = models.paper_1b()
+    c.model = presets.paper_1b()
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"
     c.mesh = dict(data=-1, fsdp=8, tensor=1)  # FSDP within an 8-chip group, data across

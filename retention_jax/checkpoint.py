@@ -1,4 +1,7 @@
-"""Orbax checkpoints that branch: params, opt, data iterator and meta as separate items.
+"""Orbax checkpoints that branch: params, optimizer, data iterator and meta as separate items.
+
+`optimizer` holds everything of the training state but the parameters: the step, the
+Adam moments and the stage's traced schedule hyperparameters.
 
 A run directory holds one manager (`<run>/ckpt`). Steps are saved at every evaluation
 and every `ckpt.every` steps; the latest step (for resume) and the step with the lowest
@@ -40,7 +43,7 @@ def save(
     step: int,
     *,
     params: Any,
-    opt: Any,
+    optimizer: Any,
     data_iter: Any,
     meta: dict,
     val_loss: float | None = None,
@@ -50,7 +53,7 @@ def save(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
-            opt=ocp.args.StandardSave(opt),
+            optimizer=ocp.args.StandardSave(optimizer),
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         ),
@@ -60,19 +63,19 @@ def save(
 
 
 def restore(
-    mngr: ocp.CheckpointManager, step: int, *, params: Any, opt: Any, data_iter: Any
+    mngr: ocp.CheckpointManager, step: int, *, params: Any, optimizer: Any, data_iter: Any
 ) -> tuple[Any, Any, dict]:
     """Restores everything of `step` for resuming; `data_iter` is restored in place."""
     r = mngr.restore(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params),
-            opt=ocp.args.StandardRestore(opt),
+            optimizer=ocp.args.StandardRestore(optimizer),
             data=grain.checkpoint.CheckpointRestore(data_iter),
             meta=ocp.args.JsonRestore(),
         ),
     )
-    return r.params, r.opt, r.meta
+    return r.params, r.optimizer, r.meta
 
 
 def restore_params(path: str, step: int, target: Any) -> Any:

@@ -1,112 +1,573 @@
-"""Validation of an experiment config before anything is built or compiled.
+"""The one boundary where an ml_collections experiment config becomes typed, frozen sections.
 
-Every error names the key, the value and what is allowed. The data section is checked
-by `data.validate`; this module checks the rest and the sweep.
+ml_collections stays the file and `--config.key=value` surface; `parse` converts a config
+once into an `Experiment` of frozen dataclasses and validates every key on the way, before
+anything is built or compiled. Lower layers receive the section they need. Every error has
+one grammar: `config key <path>=<value>: <what is allowed>`.
+
+The stage table `STAGES` is the one place that says what distinguishes the three stages.
 """
 
-from typing import Any
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
-import jax
 import ml_collections as mlc
 
-from retention_jax import data, sharding
-
-STAGES = data.STAGES
+DOMAINS = ("pre", "post", "ft")  # fixed order: batch["domain"] indexes it
+MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+PACKINGS = ("concat", "first_fit")
+EXPOSURE_MODES = ("add", "replace")
+TOKENIZER_SCHEMES = ("hf", "spm")
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key, the value and what is allowed."""
+
+
+def fail(key: str, value: Any, allowed: str) -> NoReturn:
+    shown = "<missing>" if value is _MISSING else repr(value)
+    raise ConfigError(f"config key {key}={shown}: {allowed}")
+
+
+def round_half_up(x: float) -> int:
+    """The rounding of every count derived from a fraction (half up, not banker's)."""
+    return int(x + 0.5)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    name: str
+    sweepable: tuple[str, ...]  # config path prefixes the stage's sweep may set
+    owns_dropout: bool  # the stage's `dropout` replaces the model's at all four sites
+    early_stopping: bool  # may stop on D_post validation loss (unless compute-matched)
+
+
+STAGES = ("pretrain", "posttrain", "finetune")
+STAGE_KINDS = {
+    "pretrain": StageKind("pretrain", ("seed", "model.", "data.", "pretrain."), False, False),
+    "posttrain": StageKind("posttrain", ("posttrain.",), True, True),
+    "finetune": StageKind("finetune", ("finetune.",), False, False),
+}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    embed: float
+    attn: float
+    resid: float
+    mlp: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder's shape and numerics; hashable, so it can be static in a compiled program."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_mlp: int
+    rope_base: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    param_dtype: str
+    dtype: str
+    remat: str
+    scan_layers: bool
+    dropout: Dropout
+    lora: Lora
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """AdamW with linear warmup and cosine decay to `min_lr` (clamped to `lr`)."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    warmup_fraction: float  # > 0: warmup is this fraction of the stage's steps instead
+    horizon_tokens: int  # > 0: the cosine reaches min_lr after this many tokens
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float
+    decay_exclude: tuple[str, ...]
+
+    def static(self) -> dict:
+        """The keys that shape the compiled program; the rest are traced hyperparameters."""
+        return {
+            "b1": self.b1,
+            "b2": self.b2,
+            "eps": self.eps,
+            "clip_norm": self.clip_norm,
+            "decay_exclude": self.decay_exclude,
+        }
+
+    def schedule(self, num_steps: int, tokens_per_step: int) -> dict:
+        """Resolved schedule of a stage of `num_steps`: peak, floor, warmup and horizon."""
+        warmup = self.warmup_steps
+        if self.warmup_fraction > 0:
+            warmup = round_half_up(self.warmup_fraction * num_steps)
+        horizon = num_steps
+        if self.horizon_tokens > 0:
+            horizon = -(-self.horizon_tokens // tokens_per_step)
+        return {
+            "lr": self.lr,
+            "min_lr": min(self.min_lr, self.lr),
+            "warmup_steps": warmup,
+            "total_steps": horizon,
+            "weight_decay": self.weight_decay,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Exposure:
+    lam: float
+    mode: str
+    window: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+    every: int  # 0 disables it
+    patience: int
+    min_delta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+    tokens: int
+    batch: int
+    exposure: Exposure
+    optimizer: Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Posttrain:
+    batch: int
+    max_tokens: int
+    dropout: float
+    replay: float
+    compute_matched: bool
+    early_stop: EarlyStop
+    optimizer: Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    tokens: int
+    batch: int
+    optimizer: Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    source: str
+    name: str
+    text: str
+    options: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    tokenizer: str
+    seq_len: int
+    packing: str
+    cache_dir: str
+    val_fraction: float
+    val_tokens: int
+    pre: Domain
+    post: Domain
+    ft: Domain
+    post_pool_tokens: int
+    ft_pool_tokens: int
+    workers: int
+
+    def domain(self, name: str) -> Domain:
+        return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One node's whole config, typed; `stage(name)` and `model_for(name)` give sections."""
+
+    seed: int
+    model: Model
+    mesh: Mapping[str, int]
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+    data: Data
+    pretrain: Pretrain
+    posttrain: Posttrain
+    finetune: Finetune
+    eval_batch: int
+    ckpt_every: int
+    log_every: int
+
+    def stage(self, name: str) -> Pretrain | Posttrain | Finetune:
+        return getattr(self, name)
+
+    def model_for(self, name: str) -> Model:
+        """The model a stage trains: post-training applies its dropout at all four sites."""
+        if not STAGE_KINDS[name].owns_dropout:
+            return self.model
+        rate = self.posttrain.dropout
+        return dataclasses.replace(self.model, dropout=Dropout(rate, rate, rate, rate))
+
+    def early_stopping(self, name: str) -> bool:
+        es = self.posttrain.early_stop
+        return (
+            STAGE_KINDS[name].early_stopping and es.every > 0 and not self.posttrain.compute_matched
+        )
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"config key {key}={value!r} is invalid; allowed: {allowed}")
+class _Section:
+    """Reads the keys of one config section; `done()` rejects the keys nobody read."""
+
+    def __init__(self, node: Any, path: str):
+        if not isinstance(node, Mapping | mlc.ConfigDict):
+            fail(path, node, "a section (a dict of keys)")
+        self.node, self.path, self.seen = node, path, set()
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        if key not in self.node:
+            fail(_join(self.path, key), _MISSING, "a required key (see configs/base.py)")
+        return self.node[key]
+
+    def key(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def int(self, key: str, low: int = 0) -> int:
+        v = self.raw(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            fail(self.key(key), v, f"an integer >= {low}")
+        return int(v)
+
+    def num(self, key: str, low: float, high: float, *, open_low=False, open_high=False) -> float:
+        v = self.raw(key)
+        ok = isinstance(v, int | float) and not isinstance(v, bool)
+        ok = ok and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        if not ok:
+            lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+            fail(self.key(key), v, f"a number in {lo}{low}, {high}{hi}")
+        return float(v)
+
+    def choice(self, key: str, allowed: tuple) -> Any:
+        v = self.raw(key)
+        if v not in allowed:
+            fail(self.key(key), v, " | ".join(map(str, allowed)))
+        return v
+
+    def bool(self, key: str) -> bool:
+        v = self.raw(key)
+        if not isinstance(v, bool):
+            fail(self.key(key), v, "True or False")
+        return v
+
+    def str(self, key: str, *, empty: bool = False) -> str:
+        v = self.raw(key)
+        if not isinstance(v, str) or (not v and not empty):
+            fail(self.key(key), v, "a string" if empty else "a non-empty string")
+        return v
+
+    def strings(self, key: str, what: str) -> tuple[str, ...]:
+        v = self.raw(key)
+        if not isinstance(v, tuple | list) or not all(isinstance(w, str) for w in v):
+            fail(self.key(key), v, f"a tuple of {what}")
+        return tuple(v)
+
+    def section(self, key: str) -> "_Section":
+        return _Section(self.raw(key), self.key(key))
+
+    def done(self, extra: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(self.node.keys()) - self.seen - set(extra))
+        if unknown:
+            fail(
+                self.key(unknown[0]),
+                self.node[unknown[0]],
+                f"a known key of {self.path or 'the config'}; known: {sorted(self.seen)}",
+            )
 
 
-def _int(cfg, key: str, path: str, low: int = 1) -> int:
-    v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        _fail(_join(path, key), v, f"an integer >= {low}")
-    return v
+# ----------------------------------------------------------------------------- sections
 
 
-def _num(cfg, key: str, path: str, low: float, high: float, *, open_high=False, open_low=False):
-    v = cfg[key]
-    ok = isinstance(v, int | float) and not isinstance(v, bool)
-    ok = ok and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
-    if not ok:
-        _fail(
-            _join(path, key),
-            v,
-            f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}",
+def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "model") -> Model:
+    """A model section (a preset from `retention_jax.presets`, possibly overridden)."""
+    s = _Section(node, path)
+    ints = {
+        k: s.int(k, 1)
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp")
+    }
+    if ints["n_heads"] % ints["n_kv_heads"]:
+        fail(
+            s.key("n_kv_heads"),
+            ints["n_kv_heads"],
+            f"a divisor of {path}.n_heads={ints['n_heads']}",
         )
+    d = s.section("dropout")
+    dropout = Dropout(*(d.num(k, 0, 1, open_high=True) for k in ("embed", "attn", "resid", "mlp")))
+    d.done()
+    lo = s.section("lora")
+    lora = Lora(
+        rank=lo.int("rank", 0),
+        alpha=lo.num("alpha", 0, math.inf, open_low=True),
+        dropout=lo.num("dropout", 0, 1, open_high=True),
+        targets=lo.strings("targets", "LoRA target names"),
+    )
+    lo.done()
+    if lora.rank != 0:
+        fail(lo.key("rank"), lora.rank, "0 (LoRA stages are not implemented yet)")
+    if bad := [t for t in lora.targets if t not in LORA_TARGETS]:
+        fail(lo.key("targets"), lora.targets, f"a subset of {LORA_TARGETS} (not {bad})")
+    model = Model(
+        **ints,
+        rope_base=s.num("rope_base", 0, math.inf, open_low=True),
+        norm_eps=s.num("norm_eps", 0, 1, open_low=True),
+        tie_embeddings=s.bool("tie_embeddings"),
+        init_std=s.num("init_std", 0, math.inf, open_low=True),
+        param_dtype=s.choice("param_dtype", DTYPES),
+        dtype=s.choice("dtype", DTYPES),
+        remat=s.choice("remat", REMAT),
+        scan_layers=s.bool("scan_layers"),
+        dropout=dropout,
+        lora=lora,
+    )
+    s.done()
+    if mesh is not None:
+        for k in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
+            if getattr(model, k) % mesh["tensor"]:
+                fail(s.key(k), getattr(model, k), f"a multiple of mesh.tensor={mesh['tensor']}")
+        if model.d_model % mesh["fsdp"]:
+            fail(s.key("d_model"), model.d_model, f"a multiple of mesh.fsdp={mesh['fsdp']}")
+    return model
+
+
+def _optimizer(s: _Section) -> Optimizer:
+    lr = s.num("lr", 0, 1, open_low=True)
+    return Optimizer(
+        lr=lr,
+        min_lr=s.num("min_lr", 0, 1),
+        warmup_steps=s.int("warmup_steps", 0),
+        warmup_fraction=s.num("warmup_fraction", 0, 1),
+        horizon_tokens=s.int("horizon_tokens", 0),
+        weight_decay=s.num("weight_decay", 0, 1),
+        b1=s.num("b1", 0, 1, open_high=True),
+        b2=s.num("b2", 0, 1, open_high=True),
+        eps=s.num("eps", 0, 1, open_low=True),
+        clip_norm=s.num("clip_norm", 0, math.inf, open_low=True),
+        decay_exclude=s.strings("decay_exclude", "parameter-path substrings"),
+    )
+
+
+def _batch(s: _Section, key: str, rows: int, processes: int) -> int:
+    v = s.int(key, 1)
+    if v % rows:
+        fail(s.key(key), v, f"a multiple of mesh data×fsdp={rows}")
+    if v % processes:
+        fail(s.key(key), v, f"a multiple of process_count={processes}")
     return v
 
 
-def _choice(cfg, key: str, path: str, allowed) -> None:
-    if cfg[key] not in allowed:
-        _fail(_join(path, key), cfg[key], " | ".join(map(str, allowed)))
+def _domain(s: _Section) -> Domain:
+    from retention_jax.data import sources  # data imports this module: import late, no cycle
+
+    options = s.raw("options") or {}
+    if not isinstance(options, Mapping | mlc.ConfigDict):
+        fail(s.key("options"), options, "a dict of source options")
+    d = Domain(s.str("source"), s.str("name"), s.str("text"), dict(options))
+    sources.check(d, s.path)
+    s.done()
+    return d
 
 
-def _model(m: mlc.ConfigDict, mesh: dict) -> None:
-    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp"):
-        _int(m, k, "model")
-    if m.n_heads % m.n_kv_heads:
-        _fail("model.n_kv_heads", m.n_kv_heads, f"a divisor of model.n_heads={m.n_heads}")
-    _num(m, "rope_base", "model", 0, float("inf"), open_low=True)
-    _num(m, "norm_eps", "model", 0, 1, open_low=True)
-    _choice(m, "dtype", "model", DTYPES)
-    _choice(m, "param_dtype", "model", DTYPES)
-    _choice(m, "remat", "model", REMAT)
-    for site in ("embed", "attn", "resid", "mlp"):
-        _num(m.dropout, site, "model.dropout", 0, 1, open_high=True)
-    if m.lora.rank != 0:
-        _fail("model.lora.rank", m.lora.rank, "0 (LoRA stages are not implemented yet)")
-    for t in m.lora.targets:
-        if t not in LORA_TARGETS:
-            _fail("model.lora.targets", tuple(m.lora.targets), f"a subset of {LORA_TARGETS}")
-    tensor = mesh["tensor"]
-    for k in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
-        if m[k] % tensor:
-            _fail(f"model.{k}", m[k], f"a multiple of mesh.tensor={tensor}")
-    if m.d_model % mesh["fsdp"]:
-        _fail("model.d_model", m.d_model, f"a multiple of mesh.fsdp={mesh['fsdp']}")
+def _data(s: _Section) -> Data:
+    tok = s.raw("tokenizer")
+    scheme, _, arg = str(tok).partition(":")
+    if not (tok == "byte" or (isinstance(tok, str) and scheme in TOKENIZER_SCHEMES and arg)):
+        fail(s.key("tokenizer"), tok, "'byte' | 'hf:HUB_ID_OR_DIR' | 'spm:MODEL_FILE'")
+    seq_len = s.int("seq_len", 2)
+    val_tokens = s.int("val_tokens", 1)
+    if val_tokens < seq_len:
+        fail(s.key("val_tokens"), val_tokens, f"an integer >= data.seq_len={seq_len}")
+    d = Data(
+        tokenizer=tok,
+        seq_len=seq_len,
+        packing=s.choice("packing", PACKINGS),
+        cache_dir=s.str("cache_dir", empty=True),
+        val_fraction=s.num("val_fraction", 0, 1, open_low=True, open_high=True),
+        val_tokens=val_tokens,
+        **{name: _domain(s.section(name)) for name in DOMAINS},
+        post_pool_tokens=s.int("post_pool_tokens", seq_len),
+        ft_pool_tokens=s.int("ft_pool_tokens", seq_len),
+        workers=s.int("workers", 0),
+    )
+    s.done()
+    return d
 
 
-def _batch(cfg, key: str, path: str, rows: int) -> None:
-    _int(cfg, key, path)
-    if cfg[key] % rows:
-        _fail(_join(path, key), cfg[key], f"a multiple of mesh data×fsdp={rows}")
-    if cfg[key] % jax.process_count():
-        _fail(_join(path, key), cfg[key], f"a multiple of process_count={jax.process_count()}")
-
-
-def _optimizer(s: mlc.ConfigDict, path: str, rows: int) -> None:
-    _batch(s, "batch", path, rows)
-    _num(s, "lr", path, 0, 1, open_low=True)
-    _num(s, "min_lr", path, 0, s.lr)
-    _int(s, "warmup_steps", path, 0)
-    _num(s, "weight_decay", path, 0, 1)
-    _num(s, "b1", path, 0, 1, open_high=True)
-    _num(s, "b2", path, 0, 1, open_high=True)
-    _num(s, "eps", path, 0, 1, open_low=True)
-    _num(s, "clip_norm", path, 0, float("inf"), open_low=True)
-    if not isinstance(s.decay_exclude, tuple | list) or not all(
-        isinstance(w, str) for w in s.decay_exclude
-    ):
-        _fail(f"{path}.decay_exclude", s.decay_exclude, "a tuple of parameter-path substrings")
-
-
-def _rules(rules) -> None:
-    names = [r[0] for r in rules] if isinstance(rules, tuple | list) else []
+def _rules(rules: Any) -> tuple:
+    ok_shape = isinstance(rules, tuple | list)
+    names = [r[0] for r in rules if isinstance(r, tuple | list) and r] if ok_shape else []
+    if not ok_shape:
+        fail("rules", rules, "a tuple of (logical name, mesh axes) pairs")
+    out = []
     for rule in rules:
         ok = isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)
         axes = rule[1] if ok else None
         axes = (axes,) if isinstance(axes, str) else (axes or ())
-        if not ok or any(a not in sharding.AXES for a in axes) or names.count(rule[0]) > 1:
-            _fail("rules", rule, f"unique (logical name, None | mesh axes of {sharding.AXES})")
+        if not ok or any(a not in MESH_AXES for a in axes) or names.count(rule[0]) > 1:
+            fail("rules", rule, f"unique (logical name, None | mesh axes of {MESH_AXES})")
+        out.append((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]))
+    return tuple(out)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves one -1 entry to the devices left over; checks the product."""
+    shape = {a: sizes[a] for a in MESH_AXES}
+    for axis, n in shape.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
+            fail(f"mesh.{axis}", n, "a positive size or -1")
+    if list(shape.values()).count(-1) > 1:
+        fail("mesh", dict(shape), "at most one axis of -1")
+    known = math.prod(n for n in shape.values() if n != -1)
+    for axis, n in shape.items():
+        if n == -1:
+            if num_devices % known:
+                fail("mesh", dict(sizes), f"axes whose product divides the {num_devices} devices")
+            shape[axis] = num_devices // known
+    if math.prod(shape.values()) != num_devices:
+        fail("mesh", dict(sizes), f"sizes whose product is the {num_devices} devices")
+    return shape
+
+
+def smallest_devices(sizes: Mapping[str, int]) -> int:
+    """The fewest devices a mesh config accepts (its fixed axes; -1 axes of size 1)."""
+    return math.prod(n for n in sizes.values() if isinstance(n, int) and n > 0)
+
+
+def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Experiment:
+    """The typed, validated experiment of `cfg` (the sweep is checked by `check_sweep`)."""
+    root = _Section(cfg, "")
+    m = root.section("mesh")
+    for axis in MESH_AXES:
+        m.raw(axis)
+    m.done()
+    mesh = mesh_shape(cfg.mesh, num_devices)
+    rows = mesh["data"] * mesh["fsdp"]
+    rules = _rules(root.raw("rules"))
+    seed = root.int("seed", 0)
+    model = parse_model(root.raw("model"), mesh)
+    data = _data(root.section("data"))
+    s1, s2, s3 = (root.section(name) for name in STAGES)
+    ex = s1.section("exposure")
+    window = ex.raw("window")
+    try:
+        a, b = (float(x) for x in window)
+    except (TypeError, ValueError):
+        fail(ex.key("window"), window, "(start, end) fractions of the stage")
+    if not 0.0 <= a < b <= 1.0:
+        fail(ex.key("window"), window, "(start, end) with 0 <= start < end <= 1")
+    exposure = Exposure(ex.num("lam", 0, 1), ex.choice("mode", EXPOSURE_MODES), (a, b))
+    ex.done()
+    pretrain = Pretrain(
+        s1.int("tokens", 0), _batch(s1, "batch", rows, num_processes), exposure, _optimizer(s1)
+    )
+    s1.done()
+    es = s2.section("early_stop")
+    early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
+    es.done()
+    posttrain = Posttrain(
+        batch=_batch(s2, "batch", rows, num_processes),
+        max_tokens=s2.int("max_tokens", 0),
+        dropout=s2.num("dropout", 0, 1, open_high=True),
+        replay=s2.num("replay", 0, 1, open_high=True),
+        compute_matched=s2.bool("compute_matched"),
+        early_stop=early,
+        optimizer=_optimizer(s2),
+    )
+    s2.done()
+    finetune = Finetune(
+        s3.int("tokens", 0), _batch(s3, "batch", rows, num_processes), _optimizer(s3)
+    )
+    s3.done()
+    ev, ck, lg = root.section("eval"), root.section("ckpt"), root.section("log")
+    exp = Experiment(
+        seed=seed,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        data=data,
+        pretrain=pretrain,
+        posttrain=posttrain,
+        finetune=finetune,
+        eval_batch=_batch(ev, "batch", rows, num_processes),
+        ckpt_every=ck.int("every", 1),
+        log_every=lg.int("every", 1),
+    )
+    for s in (ev, ck, lg):
+        s.done()
+    root.done(extra=("sweep",))
+    _check_budgets(exp)
+    return exp
+
+
+def _check_budgets(exp: Experiment) -> None:
+    """Cross-section checks of the data budgets, in whole sequences (the plans' unit)."""
+    s = exp.data.seq_len
+    q, p = exp.pretrain.tokens // s, exp.data.post_pool_tokens // s
+    ex = exp.pretrain.exposure
+    e = round_half_up(ex.lam * p)
+    if ex.mode == "replace" and e > q:
+        fail(
+            "pretrain.exposure.lam",
+            ex.lam,
+            f"at most pretrain.tokens/data.post_pool_tokens in replace mode ({e} > {q} sequences)",
+        )
+    total = q + e if ex.mode == "add" else q
+    width = int(ex.window[1] * total) - int(ex.window[0] * total)
+    if e > width:
+        fail(
+            "pretrain.exposure.window",
+            ex.window,
+            f"a window holding the {e} exposed sequences (it holds {width}); widen it or lower lam",
+        )
+    if exp.posttrain.replay > 0 and q == 0:
+        fail("posttrain.replay", exp.posttrain.replay, "0 unless pretrain.tokens >= data.seq_len")
+
+
+# ----------------------------------------------------------------------------- sweeps
 
 
 def assign(cfg: mlc.ConfigDict, path: str, value: Any) -> None:
@@ -127,55 +588,24 @@ def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
     return True
 
 
-# Config paths each stage's sweep may set: a stage's nodes differ only in what they own.
-SWEEPABLE = {
-    "pretrain": ("seed", "model.", "data.", "pretrain."),
-    "posttrain": ("posttrain.",),
-    "finetune": ("finetune.",),
-}
-
-
-def _sweep(cfg: mlc.ConfigDict) -> None:
-    if set(cfg.sweep.keys()) != set(STAGES):
-        _fail("sweep", sorted(cfg.sweep.keys()), f"exactly the sections {STAGES}")
+def check_sweep(cfg: mlc.ConfigDict) -> None:
+    """Each stage's sweep sets only keys that exist and that the stage owns."""
+    if "sweep" not in cfg or set(cfg.sweep.keys()) != set(STAGES):
+        fail(
+            "sweep",
+            sorted(cfg.sweep.keys()) if "sweep" in cfg else _MISSING,
+            f"exactly the sections {STAGES}",
+        )
     for name in STAGES:
         pairs = cfg.sweep[name]
         if not isinstance(pairs, tuple | list) or not all(
             isinstance(p, tuple | list) and len(p) == 2 for p in pairs
         ):
-            _fail(f"sweep.{name}", pairs, "a tuple of (dotted config path, values) pairs")
+            fail(f"sweep.{name}", pairs, "a tuple of (dotted config path, values) pairs")
         for path, values in pairs:
             if not _has_path(cfg, path):
-                _fail(f"sweep.{name}", path, "dotted paths of existing config keys")
-            if not path.startswith(SWEEPABLE[name]):
-                _fail(f"sweep.{name}", path, f"paths under {SWEEPABLE[name]}")
+                fail(f"sweep.{name}", path, "dotted paths of existing config keys")
+            if not path.startswith(STAGE_KINDS[name].sweepable):
+                fail(f"sweep.{name}", path, f"paths under {STAGE_KINDS[name].sweepable}")
             if not isinstance(values, list | tuple) or not values:
-                _fail(f"sweep.{name}.{path}", values, "a non-empty list of values")
-
-
-def validate(cfg: mlc.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ValueError on the first invalid key; builds and compiles nothing."""
-    for section in ("model", "mesh", "data", *STAGES, "sweep", "eval", "ckpt", "log"):
-        if section not in cfg:
-            _fail(section, None, "a section present in the config (see configs/base.py)")
-    for axis in sharding.AXES:
-        if axis not in cfg.mesh:
-            _fail(f"mesh.{axis}", None, "a positive size or -1")
-    _rules(cfg.rules)
-    shape = sharding.mesh_shape(cfg.mesh, num_devices or jax.device_count())
-    mesh = dict(zip(sharding.AXES, shape))
-    rows = mesh["data"] * mesh["fsdp"]
-    _int(cfg, "seed", "", 0)
-    _model(cfg.model, mesh)
-    for name in STAGES:
-        _optimizer(cfg[name], name, rows)
-    _num(cfg.posttrain, "dropout", "posttrain", 0, 1, open_high=True)
-    es = cfg.posttrain.early_stop
-    _int(es, "every", "posttrain.early_stop", 0)
-    _int(es, "patience", "posttrain.early_stop", 0)
-    _num(es, "min_delta", "posttrain.early_stop", 0, float("inf"))
-    _batch(cfg.eval, "batch", "eval", rows)
-    _int(cfg.ckpt, "every", "ckpt")
-    _int(cfg.log, "every", "log")
-    _sweep(cfg)
-    data.validate(cfg)
+                fail(f"sweep.{name}.{path}", values, "a non-empty list of values")

@@ -3,25 +3,27 @@
 `cfg.sweep.<stage>` pairs dotted config paths (from the root: "pretrain.exposure.lam",
 "posttrain.lr", "seed", "data.post_pool_tokens") with tuples of values; each stage's nodes
 are the product of its sweep, under every node of the stage before. A node's id is a
-hash of the config that decides its result (seed, model, data, its stage's section)
+digest of the config that decides its result (seed, model, data, its stage's section)
 and its parent's id, so one pretraining run feeds every branch below it and a finished
 node (its `result.json` exists) is never run again.
+
+`run` is the one place where configs become typed (`config.parse`, every node validated
+before anything is prepared or compiled) and where the process's `Runtime` is created.
 """
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 import ml_collections as mlc
 
-from retention_jax import config as config_lib
-from retention_jax import data, sharding, stage
+from retention_jax import callbacks as cb
+from retention_jax import config, data, fileio, results, stage
 from retention_jax import model as model_lib
-from retention_jax.analysis import results as results_lib
+from retention_jax import runtime as runtime_lib
 
 # Data keys that change where or how fast data is read, not which tokens: not identity.
 DATA_NOT_IDENTITY = ("workers", "cache_dir")
@@ -32,21 +34,20 @@ RESULTS = "results.jsonl"
 class Node:
     id: str
     stage: str
-    cfg: mlc.ConfigDict
+    cfg: mlc.ConfigDict  # the node's config as files spell it (its sweep values assigned)
+    exp: config.Experiment  # the same, typed and validated
     parent: "Node | None"
     swept: dict
 
     @property
     def identity(self) -> dict:
-        c = stage.model_config(self.cfg, self.stage)
+        data_cfg = dataclasses.asdict(self.exp.data)
         return {
             "stage": self.stage,
-            "seed": self.cfg.seed,
-            "model": c.to_dict(),
-            "data": {
-                k: v for k, v in self.cfg.data.to_dict().items() if k not in DATA_NOT_IDENTITY
-            },
-            self.stage: self.cfg[self.stage].to_dict(),
+            "seed": self.exp.seed,
+            "model": dataclasses.asdict(self.exp.model_for(self.stage)),
+            "data": {k: v for k, v in data_cfg.items() if k not in DATA_NOT_IDENTITY},
+            self.stage: _flat_section(self.exp.stage(self.stage)),
             "parent": self.parent.id if self.parent else None,
         }
 
@@ -54,9 +55,10 @@ class Node:
         return ([*self.parent.lineage()] if self.parent else []) + [self]
 
 
-def _digest(obj) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def _flat_section(section) -> dict:
+    """A stage section as its config file spells it (optimizer keys at the top level)."""
+    d = dataclasses.asdict(section)
+    return {**{k: v for k, v in d.items() if k != "optimizer"}, **d["optimizer"]}
 
 
 def _product(sweep: tuple) -> Iterable[dict]:
@@ -65,19 +67,34 @@ def _product(sweep: tuple) -> Iterable[dict]:
         yield dict(zip(keys, values))
 
 
-def expand(cfg: mlc.ConfigDict) -> list[Node]:
-    """Every node of the graph, parents before children."""
+def devices_for(cfg: mlc.ConfigDict, devices: int | None = None) -> int:
+    """Devices a config is validated against: `devices`, else this host's when the mesh
+    fits them, else the fewest the mesh accepts (a pod's plan inspected on a laptop)."""
+    if devices:
+        return devices
+    try:
+        config.mesh_shape(cfg.mesh, jax.device_count())
+        return jax.device_count()
+    except config.ConfigError:
+        return config.smallest_devices(cfg.mesh)
+
+
+def expand(cfg: mlc.ConfigDict, num_devices: int | None = None) -> list[Node]:
+    """Every node of the graph, parents before children, each validated and typed."""
+    config.check_sweep(cfg)
+    n = num_devices or devices_for(cfg)
     nodes, frontier = [], [None]
-    for name in stage.STAGES:
+    for name in config.STAGES:
         layer = []
         for parent in frontier:
-            base = parent.cfg if parent else cfg
             for values in _product(cfg.sweep[name]):
-                c = mlc.ConfigDict(base.to_dict())
+                c = mlc.ConfigDict((parent.cfg if parent else cfg).to_dict())
                 for path, value in values.items():
-                    config_lib.assign(c, path, value)
-                probe = Node("", name, c, parent, values)
-                layer.append(Node(f"{name}-{_digest(probe.identity)}", name, c, parent, values))
+                    config.assign(c, path, value)
+                exp = config.parse(c, n, jax.process_count())
+                probe = Node("", name, c, exp, parent, values)
+                node_id = f"{name}-{fileio.digest(probe.identity)}"
+                layer.append(Node(node_id, name, c, exp, parent, values))
         nodes += layer
         frontier = layer
     return nodes
@@ -93,23 +110,26 @@ def select(nodes: list[Node], selector: str) -> list[Node]:
 
 
 def plan_table(nodes: list[Node]) -> str:
-    """The dry-run view: nodes, parents, swept values, steps, tokens per domain, FLOPs."""
+    """The dry-run view: nodes, parents, steps and warmup, tokens per domain, FLOPs."""
     lines = [
-        f"{'node':<22} {'parent':<22} {'steps':>7} "
+        f"{'node':<22} {'parent':<22} {'steps':>7} {'warmup':>7} "
         + " ".join(f"{d + '_tokens':>12}" for d in data.DOMAINS)
         + f" {'PFLOP':>9}  swept"
     ]
     total = 0.0
     for n in nodes:
-        p = data.plan(n.stage, n.cfg)
-        flops = model_lib.flops_per_token(n.cfg.model, p.seq_len) * sum(p.tokens.values())
+        p = data.plan(n.stage, n.exp)
+        sched = n.exp.stage(n.stage).optimizer.schedule(p.num_steps, p.batch * p.seq_len)
+        warmup = f"{sched['warmup_steps']}{'' if sched['warmup_steps'] < p.num_steps else '!'}"
+        flops = model_lib.flops_per_token(n.exp.model, p.seq_len) * sum(p.tokens.values())
         total += flops
         lines.append(
-            f"{n.id:<22} {(n.parent.id if n.parent else '-'):<22} {p.num_steps:>7} "
+            f"{n.id:<22} {(n.parent.id if n.parent else '-'):<22} {p.num_steps:>7} {warmup:>7} "
             + " ".join(f"{p.tokens.get(d, 0):>12,}" for d in data.DOMAINS)
             + f" {flops / 1e15:>9.4f}  {json.dumps(n.swept)}"
         )
     lines.append(f"{len(nodes)} nodes, {total / 1e15:.4f} PFLOP of training in total")
+    lines.append("warmup marked '!': it spans the whole stage, so the peak LR is never reached")
     return "\n".join(lines)
 
 
@@ -117,10 +137,10 @@ def _check_identity(run_dir: str, record: dict) -> None:
     """Refuses a run directory written under a different config; names the keys."""
     path = os.path.join(run_dir, "config.json")
     record = json.loads(json.dumps(record, default=str))  # tuples -> lists, as stored
-    old = stage.read_json(path)
+    old = fileio.read_json(path)
     if old is None:
         if jax.process_index() == 0:
-            stage.write_json(path, record)
+            fileio.write_json(path, record)
         return
     diff = sorted(_diff(old, record))
     if diff:
@@ -138,19 +158,24 @@ def _diff(a, b, prefix: str = "") -> Iterable[str]:
         yield prefix.rstrip(".")
 
 
-def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> "data.Corpus":
+def _data_key(exp: config.Experiment) -> str:
+    return json.dumps(dataclasses.asdict(exp.data), sort_keys=True, default=str)
+
+
+def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.Corpus:
     """The node's prepared data, sized for every pending node that shares its data config;
     checked against the model's vocabulary before anything compiles."""
-    key = json.dumps(node.cfg.data.to_dict(), sort_keys=True)
+    key = _data_key(node.exp)
     if key not in cache:
-        same = [m for m in pending if m.cfg.data.to_dict() == node.cfg.data.to_dict()]
-        plans = [data.plan(m.stage, m.cfg) for m in same]
-        cache[key] = data.prepare(node.cfg, _data_root(workdir), plans)
+        plans = [data.plan(m.stage, m.exp) for m in pending if _data_key(m.exp) == key]
+        cache[key] = data.prepare(node.exp.data, _data_root(workdir), data.needs_of(plans))
     corpus = cache[key]
-    if corpus.vocab_size > node.cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={node.cfg.model.vocab_size} is smaller than the vocabulary "
-            f"({corpus.vocab_size}) of data.tokenizer={node.cfg.data.tokenizer!r}"
+    if corpus.vocab_size > node.exp.model.vocab_size:
+        config.fail(
+            "model.vocab_size",
+            node.exp.model.vocab_size,
+            f"at least the {corpus.vocab_size} tokens of "
+            f"data.tokenizer={node.exp.data.tokenizer!r}",
         )
     return corpus
 
@@ -160,57 +185,30 @@ def _data_root(workdir: str) -> str:
     return workdir if "://" not in workdir else os.path.expanduser("~/.cache/retention_jax")
 
 
-def row(leaf: Node, results: dict[str, dict]) -> dict:
-    """One results.jsonl line: lineage, swept values and the four losses of a leaf."""
-    pre, post, ft = leaf.lineage()
-    c = leaf.cfg
-    r = {
-        "run_id": ft.id,
-        "ids": {"pretrain": pre.id, "posttrain": post.id, "finetune": ft.id},
-        "pipeline": f"{c.data.post.name}->{c.data.ft.name}",
-        "d_pre": c.data.pre.name,
-        "d_post": c.data.post.name,
-        "d_ft": c.data.ft.name,
-        "lam": float(c.pretrain.exposure.lam),
-        "exposure_mode": c.pretrain.exposure.mode,
-        "compute_matched": bool(c.posttrain.compute_matched),
-        "pool_tokens": int(c.data.post_pool_tokens),
-        "seed": int(c.seed),
-        "model_params": model_lib.count_params(c.model),
-        "post_lr": float(c.posttrain.lr),
-        "post_batch": int(c.posttrain.batch),
-        "dropout": float(c.posttrain.dropout),
-        "replay": float(c.posttrain.replay),
-        "ft_lr": float(c.finetune.lr),
-        "L_im": results[post.id]["val"]["post"],
-        "L_ret": results[ft.id]["val"]["post"],
-        "L_ft": results[ft.id]["val"]["ft"],
-        "L_pre": results[ft.id]["val"]["pre"],
-        "post_steps": results[post.id]["steps"],
-        "post_result_step": results[post.id]["result_step"],
-        "tokens": {n.stage: results[n.id]["tokens"] for n in (pre, post, ft)},
-        "swept": {k: v for n in (pre, post, ft) for k, v in n.swept.items()},
-    }
-    r["method"] = results_lib.method_of(r)
-    return r
-
-
-def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str = "") -> list[dict]:
+def run(
+    cfg: mlc.ConfigDict,
+    workdir: str,
+    *,
+    dry_run: bool = False,
+    only: str = "",
+    devices: int | None = None,
+    rt: runtime_lib.Runtime | None = None,
+    extra_callbacks: Sequence[cb.Callback] = (),
+) -> list[dict]:
     """Runs the graph (or the nodes `only` selects) and writes `<workdir>/results.jsonl`.
 
-    Returns the rows of every finished leaf.
+    Returns the rows of every finished leaf. A dry run validates against `devices` (or
+    the config's own mesh) and prints the plan; `rt` is the process's runtime (created
+    here when not given); `extra_callbacks` go to every stage that runs.
     """
-    config_lib.validate(cfg)
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
-    nodes = expand(cfg)
-    for n in nodes:
-        config_lib.validate(n.cfg)
+    nodes = expand(cfg, devices_for(cfg, devices) if dry_run else jax.device_count())
     todo = select(nodes, only) if only else nodes
     if dry_run:
         print(plan_table(todo))
         return []
-    mesh = sharding.make_mesh(cfg.mesh)
+    rt = rt or runtime_lib.Runtime.create(nodes[0].exp.mesh, nodes[0].exp.rules)
     runs = {n.id: os.path.join(workdir, "runs", n.id) for n in nodes}
     pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
     pending_ids = {n.id for n in pending}
@@ -235,23 +233,27 @@ def run(cfg: mlc.ConfigDict, workdir: str, *, dry_run: bool = False, only: str =
             "parent_step": parent[1] if parent else None,
             "swept": n.swept,
         }
-        result = stage.run(n.stage, n.cfg, runs[n.id], corpus, mesh, parent, meta)
+        result = stage.run(n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks)
         if jax.process_index() == 0:
             val = " ".join(f"{d} {v:.4f}" for d, v in result["val"].items())
             print(f"{n.id} done: val {val}", flush=True)
-    rows = collect(workdir, nodes)
-    return rows
+    return collect(workdir, nodes)
 
 
 def collect(workdir: str, nodes: list[Node]) -> list[dict]:
     """Rows of every finished leaf, written to results.jsonl (process 0, atomically)."""
     finished = {n.id: stage.read_result(os.path.join(workdir, "runs", n.id)) for n in nodes}
-    rows = [
-        row(leaf, finished)
-        for leaf in nodes
-        if leaf.stage == "finetune" and all(finished[n.id] for n in leaf.lineage())
-    ]
+    rows = []
+    for leaf in nodes:
+        lineage = leaf.lineage()
+        if leaf.stage != "finetune" or not all(finished[n.id] for n in lineage):
+            continue
+        ids = {n.stage: n.id for n in lineage}
+        swept = {k: v for n in lineage for k, v in n.swept.items()}
+        by_stage = {n.stage: finished[n.id] for n in lineage}
+        params = model_lib.count_params(leaf.exp.model)
+        rows.append(results.row(ids, leaf.exp, swept, by_stage, params))
     if jax.process_index() == 0:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        stage.write_text(os.path.join(workdir, RESULTS), text)
+        fileio.write_text(os.path.join(workdir, RESULTS), text)
     return rows

@@ -11,20 +11,19 @@ import os
 from collections.abc import Callable
 
 import jax
-import ml_collections as mlc
 import numpy as np
 import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from configs import models
+from retention_jax import config, presets
 from retention_jax import model as model_lib
 
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def config_from_hf(path: str) -> mlc.ConfigDict:
+def config_from_hf(path: str) -> config.Model:
     """Model config from a Llama config.json (rope_theta top level or in rope_parameters)."""
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
@@ -35,7 +34,7 @@ def config_from_hf(path: str) -> mlc.ConfigDict:
         raise NotImplementedError(f"{path}: RoPE scaling {rope} is not supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise NotImplementedError(f"{path}: attention/MLP biases are not supported")
-    cfg = models.smollm2_135m()
+    cfg = presets.smollm2_135m()
     cfg.update(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -49,10 +48,10 @@ def config_from_hf(path: str) -> mlc.ConfigDict:
         tie_embeddings=hf.get("tie_word_embeddings", True),
         init_std=hf.get("initializer_range", 0.02),
     )
-    return cfg
+    return config.parse_model(cfg)
 
 
-def _layer_map(cfg: mlc.ConfigDict) -> dict[str, tuple[str, Callable, Callable]]:
+def _layer_map(cfg: config.Model) -> dict[str, tuple[str, Callable, Callable]]:
     """Model layer weight -> (HF name template, HF->model, model->HF) for one layer."""
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     t = np.transpose
@@ -83,7 +82,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_params(path: str, cfg: mlc.ConfigDict) -> dict:
+def load_params(path: str, cfg: config.Model) -> dict:
     """Nested dict of numpy arrays shaped like `nnx.to_pure_dict(nnx.state(model))`."""
     hf = _read_safetensors(path)
     dtype = np.dtype(cfg.param_dtype)
@@ -119,7 +118,7 @@ def load_model(path: str, mesh: Mesh, rules: model_lib.Rules) -> model_lib.Trans
     return nnx.merge(graphdef, state)
 
 
-def export(model_or_state: nnx.Module | nnx.State, cfg: mlc.ConfigDict, out_dir: str) -> None:
+def export(model_or_state: nnx.Module | nnx.State, cfg: config.Model, out_dir: str) -> None:
     """Write config.json + model.safetensors for `LlamaForCausalLM.from_pretrained`.
 
     LoRA adapters, if any, are merged into the base weights (W + alpha/rank * A @ B).
@@ -150,7 +149,7 @@ def export(model_or_state: nnx.Module | nnx.State, cfg: mlc.ConfigDict, out_dir:
         json.dump(_hf_config(cfg), f, indent=2)
 
 
-def _hf_config(cfg: mlc.ConfigDict) -> dict:
+def _hf_config(cfg: config.Model) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+
+from retention_jax import config
 
 LoRAParam = nnx.LoRAParam  # a Param subclass: `nnx.LoRAParam` selects the adapters only
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
@@ -50,7 +51,7 @@ _REMAT = {
 }
 
 
-def _axis_sizes(cfg: mlc.ConfigDict) -> dict[str, int]:
+def _axis_sizes(cfg: config.Model) -> dict[str, int]:
     return dict(
         vocab=cfg.vocab_size,
         embed=cfg.d_model,
@@ -66,7 +67,7 @@ def _axis_sizes(cfg: mlc.ConfigDict) -> dict[str, int]:
 class Layers(nnx.Module):
     """All decoder layers' weights, each stacked along a leading layer axis."""
 
-    def __init__(self, cfg: mlc.ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: config.Model, *, rngs: nnx.Rngs):
         size = _axis_sizes(cfg)
         dtype = jnp.dtype(cfg.param_dtype)
 
@@ -97,18 +98,11 @@ class Layers(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM configured by a `configs/models.py` ConfigDict."""
+    """Decoder-only LM configured by a typed `config.Model` (presets in `presets.py`)."""
 
-    def __init__(self, cfg: mlc.ConfigDict, *, rngs: nnx.Rngs):
-        if cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError(
-                f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}"
-            )
-        if cfg.remat not in ("none", *_REMAT):
-            raise ValueError(f"model.remat={cfg.remat!r}; allowed: none, full, dots")
-        if unknown := set(cfg.lora.targets) - set(_PROJ):
-            raise ValueError(f"model.lora.targets has {sorted(unknown)}; allowed: {sorted(_PROJ)}")
-        self.cfg = mlc.FrozenConfigDict(cfg)  # hashable: part of the static graphdef
+    def __init__(self, cfg: config.Model, *, rngs: nnx.Rngs):
+        """`cfg` comes validated from `config.parse_model` (shapes, dtypes, remat, LoRA)."""
+        self.cfg = cfg  # a frozen dataclass: hashable, part of the static graphdef
         dtype = jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Param(
             cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), dtype),
@@ -197,7 +191,7 @@ class Transformer(nnx.Module):
         return logits_TxV.reshape(B, L, -1)
 
 
-def _block_fn(cfg: mlc.ConfigDict) -> Callable:
+def _block_fn(cfg: config.Model) -> Callable:
     """One pre-norm decoder layer as a pure function of that layer's weights."""
     rate = cfg.dropout
     lora_scale = cfg.lora.alpha / max(cfg.lora.rank, 1)
@@ -276,14 +270,14 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def count_params(cfg: mlc.ConfigDict) -> int:
+def count_params(cfg: config.Model) -> int:
     """Base (non-LoRA) parameters, from shapes only: nothing is allocated."""
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, BASE_PARAMS)))
 
 
-def flops_per_token(cfg: mlc.ConfigDict, seq_len: int) -> float:
+def flops_per_token(cfg: config.Model, seq_len: int) -> float:
     """Training FLOPs per token: 6*N_matmul + 6*n_layers*seq_len*(n_heads*head_dim).
 
     MaxText convention: forward+backward = 3x forward, 2 FLOPs per multiply-add, and
@@ -298,13 +292,13 @@ def flops_per_token(cfg: mlc.ConfigDict, seq_len: int) -> float:
     return 6.0 * n_matmul + 6.0 * cfg.n_layers * seq_len * h * hd
 
 
-def create(cfg: mlc.ConfigDict, mesh: Mesh, rules: Rules, seed: int) -> Transformer:
+def create(cfg: config.Model, mesh: Mesh, rules: Rules, seed: int) -> Transformer:
     """A model with each parameter initialised directly in its sharding (jitted init)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(params=seed)))()
 
 
-def abstract_state(cfg: mlc.ConfigDict, mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_state(cfg: config.Model, mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStruct with NamedSharding(mesh, spec)), no allocation.
 
     The shardings refer to the concrete `mesh` (Orbax rejects eval_shape's abstract mesh).

@@ -6,7 +6,6 @@ eight fake CPU devices, a GPU node or a TPU pod: only the config changes.
 """
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 
@@ -14,35 +13,22 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+from retention_jax import config
+
+AXES = config.MESH_AXES
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
 
 
-def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
-    """Resolves one -1 entry to the devices left over; checks the product."""
-    shape = [int(sizes[a]) for a in AXES]
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, shape))}")
-    for axis, n in zip(AXES, shape):
-        if n == 0 or n < -1:
-            raise ValueError(f"mesh.{axis}={n}: allowed a positive size or -1")
-    known = math.prod(n for n in shape if n != -1)
-    if -1 in shape:
-        if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(AXES, shape))}: {num_devices} devices not divisible")
-        shape[shape.index(-1)] = num_devices // known
-    if math.prod(shape) != num_devices:
-        raise ValueError(
-            f"mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, "
-            f"{num_devices} are available"
-        )
-    return tuple(shape)
-
-
 def make_mesh(sizes: dict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh; one size may be -1 (the devices left over)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    shape = config.mesh_shape(sizes, len(devices))
+    return jax.make_mesh(
+        tuple(shape[a] for a in AXES),
+        AXES,
+        axis_types=(AxisType.Auto,) * len(AXES),
+        devices=devices,
+    )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -7,27 +7,14 @@ model, mesh and batch shape runs one compiled executable: the whole experiment g
 compiles its train step once per shape rather than once per node.
 """
 
-import dataclasses
-import functools
-import json
-import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from retention_jax import model as model_lib
-from retention_jax import sharding
 
 HPARAMS = ("lr", "min_lr", "warmup_steps", "total_steps", "weight_decay")
-# Optimizer keys that shape the program; the rest of a stage's optimizer config is in HPARAMS.
-STATIC_OPT = ("b1", "b2", "eps", "clip_norm", "decay_exclude")
 
 
 class TrainState(NamedTuple):
@@ -47,9 +34,9 @@ def learning_rate(step: jax.Array, hp: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(step < hp["warmup_steps"], warm, cosine)
 
 
-def hparams(opt: mlc.ConfigDict, total_steps: int) -> dict[str, jax.Array]:
-    values = dict(opt.items(), total_steps=total_steps)
-    return {k: jnp.asarray(values[k], jnp.float32) for k in HPARAMS}
+def hparams(schedule: dict) -> dict[str, jax.Array]:
+    """A resolved schedule (`config.Optimizer.schedule`) as the traced scalars of HPARAMS."""
+    return {k: jnp.asarray(schedule[k], jnp.float32) for k in HPARAMS}
 
 
 def decays(path: tuple, exclude: tuple[str, ...]) -> bool:
@@ -149,104 +136,3 @@ def train_step(
 def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
     """[summed loss, tokens] of a validation batch, summed later over batches."""
     return jnp.stack(_forward(graphdef, params, batch))
-
-
-def _key(cfg: mlc.ConfigDict) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-
-
-@dataclasses.dataclass
-class Steps:
-    """The jitted steps of one (model, static optimizer, mesh, rules) combination."""
-
-    graphdef: nnx.GraphDef
-    static: dict
-    mesh: jax.sharding.Mesh
-    state_sharding: Any
-    batch_sharding: NamedSharding
-    state_shapes: TrainState  # ShapeDtypeStructs with shardings: AOT and restore target
-    train: Callable
-    evaluate: Callable
-    init_opt: Callable  # params -> fresh optimizer state, in its shardings
-    compiled: dict = dataclasses.field(default_factory=dict)
-
-    def compile_train(self, batch_shapes: dict) -> tuple[Callable, float]:
-        """The AOT-compiled train step for these shapes, and the seconds compiling took.
-
-        Cached: a later stage with the same shapes reuses the executable (0 s).
-        """
-        key = tuple(sorted((k, v.shape) for k, v in batch_shapes.items()))
-        if key in self.compiled:
-            return self.compiled[key], 0.0
-        start = time.perf_counter()
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-        exe = self.train.lower(self.state_shapes, batch_shapes, rng).compile()
-        self.compiled[key] = exe
-        COMPILES["train"] += 1
-        return exe, time.perf_counter() - start
-
-
-COMPILES = {"train": 0}  # train-step compilations in this process (tests assert on it)
-_STEPS: dict[tuple, Steps] = {}
-
-
-def steps_for(model_cfg: mlc.ConfigDict, opt: mlc.ConfigDict, mesh, rules) -> Steps:
-    """Builds (once per combination) the sharded, donating, jitted train and eval steps."""
-    static = {k: (tuple(opt[k]) if k == "decay_exclude" else opt[k]) for k in STATIC_OPT}
-    key = (_key(model_cfg), json.dumps(static, sort_keys=True), mesh, tuple(map(tuple, rules)))
-    if key in _STEPS:
-        return _STEPS[key]
-    graphdef, abs_params = model_lib.abstract_state(model_cfg, mesh, rules)
-    param_sh = jax.tree.map(lambda x: x.sharding, abs_params)
-    replicated = NamedSharding(mesh, P())
-    abs_opt = jax.eval_shape(make_tx(static).init, abs_params)
-    opt_sh = optax.tree_map_params(
-        make_tx(static),
-        lambda _, s: s,
-        abs_opt,
-        param_sh,
-        transform_non_params=lambda _: replicated,
-    )
-    hp_sh = {k: replicated for k in HPARAMS}
-    state_sh = TrainState(replicated, param_sh, opt_sh, hp_sh)
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    state_shapes = TrainState(
-        scalar(jnp.int32),
-        abs_params,
-        abstract(abs_opt, opt_sh),
-        {k: scalar(jnp.float32) for k in HPARAMS},
-    )
-    batch_sh = sharding.batch_sharding(mesh)
-    train = jax.jit(
-        functools.partial(train_step, graphdef, static),
-        in_shardings=(state_sh, batch_sh, replicated),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=(0,),
-    )
-    evaluate = jax.jit(
-        functools.partial(eval_step, graphdef),
-        in_shardings=(param_sh, batch_sh),
-        out_shardings=replicated,
-    )
-    init_opt = jax.jit(make_tx(static).init, out_shardings=opt_sh)
-    steps = Steps(
-        graphdef, static, mesh, state_sh, batch_sh, state_shapes, train, evaluate, init_opt
-    )
-    _STEPS[key] = steps
-    return steps
-
-
-def init_state(
-    steps: Steps, params: nnx.State, opt: mlc.ConfigDict, total_steps: int
-) -> TrainState:
-    """A fresh optimizer and schedule around `params` (a new stage or a branch)."""
-    hp = jax.device_put(hparams(opt, total_steps), steps.state_sharding.hp)
-    step = jax.device_put(jnp.zeros((), jnp.int32), steps.state_sharding.step)
-    return TrainState(step, params, steps.init_opt(params), hp)
-
-
-def abstract(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying `shardings`: a target for AOT compile and restore."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )

@@ -16,7 +16,7 @@ B, L = 2, 16
 
 
 def small(**kw) -> mlc.ConfigDict:
-    cfg = models.tiny(vocab_size=128)
+    cfg = presets.tiny(vocab_size=128)
     cfg.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96))
     cfg.scan_layers = False  # compiles a little faster on CPU; scan is tested against it
     cfg.update(kw)
@@ -53,13 +53,13 @@ def inputs(seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def test_param_counts_without_allocating():
-    assert model_lib.count_params(models.smollm2_135m()) == 134_515_008
-    n_1b = model_lib.count_params(models.paper_1b())
+    assert model_lib.count_params(presets.smollm2_135m()) == 134_515_008
+    n_1b = model_lib.count_params(presets.paper_1b())
     assert n_1b == 1_029_917_376  # the paper's ~1.03B: an untied LM head
-    tied = models.paper_1b()
+    tied = presets.paper_1b()
     tied.tie_embeddings = True
     assert model_lib.count_params(tied) == 944_982_720
-    lora = models.smollm2_135m()
+    lora = presets.smollm2_135m()
     lora.lora.rank = 64
     assert model_lib.count_params(lora) == 134_515_008  # adapters are not counted
 
@@ -68,7 +68,7 @@ def test_flops_per_token():
     # N_matmul = all parameters minus norms (the tied embedding counts once, as the head).
     n_matmul = 134_515_008 - (30 * 2 * 576 + 576)
     expected = 6 * n_matmul + 6 * 30 * 1024 * 576
-    assert model_lib.flops_per_token(models.smollm2_135m(), 1024) == expected == 913_047_552
+    assert model_lib.flops_per_token(presets.smollm2_135m(), 1024) == expected == 913_047_552
 
 
 def test_causal_by_gradient():

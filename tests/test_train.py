@@ -120,7 +120,7 @@ def test_stages_share_one_compiled_step():
 @pytest.mark.slow
 def test_1b_compiles_ahead_of_time_on_eight_devices():
     c = base.get_config()
-    m = models.paper_1b()
+    m = presets.paper_1b()
     m.remat = "full"
     mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
     steps = train.steps_for(m, c.pretrain, mesh, c.rules)

@@ -1,22 +1,16 @@
-"""Reading `<workdir>/results.jsonl` (one JSON object per fine-tuned leaf) and naming methods.
+"""Reading `<workdir>/results.jsonl` (one JSON object per fine-tuned leaf) and grouping rows.
 
-Dependency-free on purpose: the experiment module imports `method_of` to fill "method".
+The row schema and `method_of` belong to the core (`retention_jax.results`), which writes
+the rows; this module only reads them.
 """
 
 import json
 import os
 
-LOSSES = ("L_im", "L_ret", "L_ft", "L_pre")
-COMPUTE_MATCHED = " (compute-matched)"
+from retention_jax import fileio
+from retention_jax.results import COMPUTE_MATCHED, LOSSES, method_of
 
-
-def _read_text(path: str) -> str:
-    try:
-        from etils import epath
-    except ImportError:  # plain files only
-        with open(path) as f:
-            return f.read()
-    return epath.Path(path).read_text()
+__all__ = ["COMPUTE_MATCHED", "LOSSES", "group", "load", "method", "method_of", "pipeline"]
 
 
 def load(workdir_or_path: str) -> list[dict]:
@@ -24,19 +18,10 @@ def load(workdir_or_path: str) -> list[dict]:
     path = str(workdir_or_path)
     if not path.endswith(".jsonl"):
         path = os.path.join(path, "results.jsonl")  # also joins gs:// paths correctly
-    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
-
-
-def method_of(row: dict) -> str:
-    """'unmixed' (lam == 0) or 'mixed', then '+dropout', '+replay', ' (compute-matched)'."""
-    name = "mixed" if row.get("lam", 0.0) > 0 else "unmixed"
-    if row.get("dropout", 0.0) > 0:
-        name += "+dropout"
-    if row.get("replay", 0.0) > 0:
-        name += "+replay"
-    if row.get("compute_matched", False):
-        name += COMPUTE_MATCHED
-    return name
+    text = fileio.read_text(path)
+    if text is None:
+        raise FileNotFoundError(f"{path}: no results file")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def method(row: dict) -> str:

@@ -21,6 +21,8 @@ Options (`c.data.<domain>.options`):
 
 import random
 
+from retention_jax import config
+
 NAMES = ("prose", "music", "chem", "instruct")
 OPTIONS = {"seed", "overlap"}
 VERSION = "builtin-v1"
@@ -250,19 +252,19 @@ _GEN = {"prose": _prose, "music": _music, "chem": _chem, "instruct": _instruct}
 
 
 def check_options(name: str, options: dict, key: str) -> dict:
-    """Options with defaults; ValueError naming `key` for unknown names or bad values."""
+    """Options with defaults; a ConfigError naming `key` for unknown names or bad values."""
     if name not in _GEN:
-        raise ValueError(f"{key}='builtin:{name}': unknown built-in domain; allowed: {list(NAMES)}")
+        config.fail(
+            key.rsplit(".", 1)[0] + ".source", f"builtin:{name}", f"builtin:{' | '.join(NAMES)}"
+        )
     bad = set(options) - OPTIONS
     if bad:
-        raise ValueError(
-            f"{key}: unknown options {sorted(bad)} for builtin:{name}; allowed: {sorted(OPTIONS)}"
-        )
+        config.fail(key, dict(options), f"options of builtin:{name} among {sorted(OPTIONS)}")
     opts = {"seed": 0, "overlap": 0.0, **dict(options)}
-    if not isinstance(opts["seed"], int):
-        raise ValueError(f"{key}.seed={opts['seed']!r}: must be an int")
+    if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int):
+        config.fail(f"{key}.seed", opts["seed"], "an integer")
     if not (isinstance(opts["overlap"], (int, float)) and 0.0 <= opts["overlap"] <= 1.0):
-        raise ValueError(f"{key}.overlap={opts['overlap']!r}: must be a number in [0, 1]")
+        config.fail(f"{key}.overlap", opts["overlap"], "a number in [0, 1]")
     return opts
 
 

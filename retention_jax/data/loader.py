@@ -16,7 +16,7 @@ indexes DOMAINS; -1 on padding rows).
 import grain
 import numpy as np
 
-from retention_jax.data.checks import DOMAINS, get
+from retention_jax.config import DOMAINS
 from retention_jax.data.packing import KEYS
 
 
@@ -76,10 +76,11 @@ def dataset(corpus, plan, *, process_index: int = 0, process_count: int = 1) -> 
     return grain.MapDataset.range(plan.num_steps).map(fn)
 
 
-def loader(corpus, plan, cfg, *, process_index: int = 0, process_count: int = 1):
-    """An iterator over this process's rows of every batch, with get_state()/set_state()."""
+def loader(corpus, plan, workers: int, *, process_index: int = 0, process_count: int = 1):
+    """An iterator over this process's rows of every batch, with get_state()/set_state().
+
+    `workers` read threads (data.workers; 0 reads in the calling thread)."""
     ds = dataset(corpus, plan, process_index=process_index, process_count=process_count)
-    workers = int(get(cfg, "data.workers"))
     opts = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
     return iter(ds.to_iter_dataset(opts))
 

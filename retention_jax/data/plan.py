@@ -26,7 +26,7 @@ train store) by `StagePlan.lookup`, a pure function of (seed, stage, slot):
   finetune   K = finetune.tokens // seq_len sequences of the D_ft pool (F sequences),
              in epochs of seeded permutations, last partial batch padded.
 
-Seeds: every permutation key is derive_key(cfg.seed, purpose...) with the stage name
+Seeds: every permutation key is derive_key(exp.seed, purpose...) with the stage name
 (or "pool" for the pool split shared by stages 1 and 2) folded in.
 """
 
@@ -35,8 +35,7 @@ import json
 
 import numpy as np
 
-from retention_jax.data import checks
-from retention_jax.data.checks import DOMAINS, get, round_half_up
+from retention_jax.config import DOMAINS, STAGES, Experiment, round_half_up
 from retention_jax.data.permute import derive_key, epoch_permute, permute
 
 PRE, POST, FT = (DOMAINS.index(d) for d in ("pre", "post", "ft"))
@@ -78,14 +77,14 @@ class StagePlan:
     sequences: dict  # domain name -> sequences
     needs: dict  # domain name -> train sequences the store must hold
     main: Part
-    special: Part | None = None  # exposure (stage 1) or replay (stage 2)
-    special_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    inserted: Part | None = None  # sequences placed into the main stream: exposure or replay
+    inserted_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     packing: str = "concat"
 
     @property
     def slots(self) -> int:
         """Real (non-padding) slots; the stream has num_steps*batch >= slots."""
-        return self.main.count + (self.special.count if self.special else 0)
+        return self.main.count + (self.inserted.count if self.inserted else 0)
 
     def lookup(self, stream_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots -> (domain id, sequence index in the domain's train store); padding -> (-1, -1)."""
@@ -93,20 +92,20 @@ class StagePlan:
         dom = np.full(t.shape, PAD, np.int32)
         seq = np.full(t.shape, -1, np.int64)
         real = (t >= 0) & (t < self.slots)
-        c = np.searchsorted(self.special_slots, t, side="left")
-        ns = len(self.special_slots)
-        is_sp = (
-            real & (c < ns) & (self.special_slots[np.minimum(c, max(ns - 1, 0))] == t)
+        c = np.searchsorted(self.inserted_slots, t, side="left")
+        ns = len(self.inserted_slots)
+        is_ins = (
+            real & (c < ns) & (self.inserted_slots[np.minimum(c, max(ns - 1, 0))] == t)
             if ns
             else real & False
         )
-        is_main = real & ~is_sp
+        is_main = real & ~is_ins
         if is_main.any():
             dom[is_main] = self.main.domain
             seq[is_main] = self.main.map(t[is_main] - c[is_main])
-        if is_sp.any():
-            dom[is_sp] = self.special.domain
-            seq[is_sp] = self.special.map(c[is_sp])
+        if is_ins.any():
+            dom[is_ins] = self.inserted.domain
+            seq[is_ins] = self.inserted.map(c[is_ins])
         return dom, seq
 
     def summary(self) -> dict:
@@ -131,18 +130,18 @@ def _even_slots(count: int, start: int, width: int) -> np.ndarray:
     return start + ((2 * k + 1) * width) // (2 * count) if count else k
 
 
-def _counts(cfg):
-    s = int(get(cfg, "data.seq_len"))
-    q = int(get(cfg, "pretrain.tokens")) // s
-    p = int(get(cfg, "data.post_pool_tokens")) // s
-    f = int(get(cfg, "data.ft_pool_tokens")) // s
-    e = round_half_up(float(get(cfg, "pretrain.exposure.lam")) * p)
-    return s, q, p, f, e
+def _counts(exp: Experiment) -> tuple[int, int, int, int, int]:
+    s = exp.data.seq_len
+    q = exp.pretrain.tokens // s
+    p = exp.data.post_pool_tokens // s
+    f = exp.data.ft_pool_tokens // s
+    return s, q, p, f, round_half_up(exp.pretrain.exposure.lam * p)
 
 
-def _finish(stage, cfg, batch, main, special=None, slots=None, steps=None) -> StagePlan:
-    s = int(get(cfg, "data.seq_len"))
-    parts = [main] + ([special] if special is not None and special.count else [])
+def _finish(stage, exp, batch, main, inserted=None, slots=None, steps=None) -> StagePlan:
+    s = exp.data.seq_len
+    inserted = inserted if inserted is not None and inserted.count else None
+    parts = [main] + ([inserted] if inserted else [])
     seqs = {d: 0 for d in DOMAINS}
     needs = {d: 0 for d in DOMAINS}
     for p in parts:
@@ -161,55 +160,50 @@ def _finish(stage, cfg, batch, main, special=None, slots=None, steps=None) -> St
         sequences=seqs,
         needs=needs,
         main=main,
-        special=special if special is not None and special.count else None,
-        special_slots=slots
-        if slots is not None and special is not None and special.count
-        else np.zeros(0, np.int64),
-        packing=str(get(cfg, "data.packing")),
+        inserted=inserted,
+        inserted_slots=slots if inserted else np.zeros(0, np.int64),
+        packing=exp.data.packing,
     )
 
 
-def plan(stage: str, cfg) -> StagePlan:
-    """The plan of `stage` for one experiment node (cfg.pretrain.exposure.lam is its λ)."""
-    if stage not in checks.STAGES:
-        raise ValueError(f"stage={stage!r}: allowed {list(checks.STAGES)}")
-    checks.validate(cfg)
-    seed = int(get(cfg, "seed"))
-    s, q, p, f, e = _counts(cfg)
+def plan(stage: str, exp: Experiment) -> StagePlan:
+    """The plan of `stage` for one experiment node (exp.pretrain.exposure.lam is its λ)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: allowed {list(STAGES)}")
+    seed = exp.seed
+    s, q, p, f, e = _counts(exp)
     pool_key = derive_key(seed, "pool")
+    mode = exp.pretrain.exposure.mode
     if stage == "pretrain":
-        batch = int(get(cfg, "pretrain.batch"))
-        mode = get(cfg, "pretrain.exposure.mode")
         total = q + e if mode == "add" else q
-        a, b = (float(x) for x in get(cfg, "pretrain.exposure.window"))
+        a, b = exp.pretrain.exposure.window
         w0, w1 = int(a * total), int(b * total)
         main = Part(PRE, total - e, "epochs", q, derive_key(seed, "pretrain", "pre"))
-        special = Part(POST, e, "pool", p, pool_key, 0) if e else None
-        return _finish(stage, cfg, batch, main, special, _even_slots(e, w0, w1 - w0))
+        exposed = Part(POST, e, "pool", p, pool_key, 0) if e else None
+        return _finish(stage, exp, exp.pretrain.batch, main, exposed, _even_slots(e, w0, w1 - w0))
     if stage == "posttrain":
-        batch = int(get(cfg, "posttrain.batch"))
-        r = float(get(cfg, "posttrain.replay"))
-        if get(cfg, "posttrain.compute_matched"):
+        batch, r = exp.posttrain.batch, exp.posttrain.replay
+        if exp.posttrain.compute_matched:
             left = p - e
             n_replay = round_half_up(r * left / (1 - r)) if left else 0
             main = Part(POST, left, "pool", p, pool_key, e)
             steps = None
         else:
-            steps = int(get(cfg, "posttrain.max_tokens")) // (batch * s)
+            steps = exp.posttrain.max_tokens // (batch * s)
             total = steps * batch
             n_replay = round_half_up(r * total)
             main = Part(POST, total - n_replay, "epochs", p, derive_key(seed, stage, "post"))
         total = main.count + n_replay
         # Replay draws from the D_pre sequences stage 1 actually saw: the first `seen`
         # ranks of stage 1's D_pre order ("replace" gave E of its Q slots to D_post).
-        seen = q - e if get(cfg, "pretrain.exposure.mode") == "replace" else q
+        seen = q - e if mode == "replace" else q
         stage1 = Part(PRE, seen, "epochs", q, derive_key(seed, "pretrain", "pre"))
-        special = (
+        replay = (
             Part(PRE, n_replay, "epochs", seen, derive_key(seed, stage, "replay"), then=stage1)
             if n_replay
             else None
         )
-        return _finish(stage, cfg, batch, main, special, _even_slots(n_replay, 0, total), steps)
-    batch = int(get(cfg, "finetune.batch"))
-    k = int(get(cfg, "finetune.tokens")) // s
-    return _finish(stage, cfg, batch, Part(FT, k, "epochs", f, derive_key(seed, stage, "ft")))
+        return _finish(stage, exp, batch, main, replay, _even_slots(n_replay, 0, total), steps)
+    k = exp.finetune.tokens // s
+    ft = Part(FT, k, "epochs", f, derive_key(seed, stage, "ft"))
+    return _finish(stage, exp, exp.finetune.batch, ft)

@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 
+from retention_jax import config, fileio
 from retention_jax.data import builtin
 
 SCHEMES = ("builtin", "files", "hf", "tfds", "seqio")
@@ -34,8 +35,8 @@ _EXTS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 def parse(source: str, key: str) -> tuple[str, str]:
     scheme, sep, arg = str(source).partition(":")
     if not sep or scheme not in SCHEMES or not arg:
-        raise ValueError(
-            f"{key}={source!r}: unknown source; allowed schemes: {[s + ':...' for s in SCHEMES]}"
+        config.fail(
+            key, source, "a source of the schemes " + " | ".join(f"{s}:..." for s in SCHEMES)
         )
     return scheme, arg
 
@@ -85,8 +86,8 @@ def _read_file(path: str) -> Iterator[dict]:
 class Source:
     """Documents of one domain: `documents()` yields (key, text) in a fixed order."""
 
-    def __init__(self, spec: str, fingerprint: str, docs, kind: str):
-        self.spec, self.fingerprint, self._docs, self.kind = spec, fingerprint, docs, kind
+    def __init__(self, spec: str, fingerprint: str, docs):
+        self.spec, self.fingerprint, self._docs = spec, fingerprint, docs
 
     def documents(self) -> Iterator[tuple[str, str]]:
         return self._docs()
@@ -99,7 +100,7 @@ def _from_files(paths: list[str], root: str, text: str, key: str, spec: str) -> 
             for i, rec in enumerate(_read_file(p)):
                 yield f"{rel}:{i}", _text_of(rec, text, key, rel)
 
-    return Source(spec, _file_fingerprint(paths, root), docs, "files")
+    return Source(spec, _file_fingerprint(paths, root), docs)
 
 
 def _hub_files(root: str, config: str | None, split: str, key: str) -> list[str]:
@@ -162,13 +163,10 @@ def _hf_streamed(name: str, opts: dict, text: str, key: str, spec: str) -> Sourc
         for i, rec in enumerate(ds):
             yield f"{i}", _text_of(rec, text, key, name)
 
-    fp = hashlib.blake2b(
-        json.dumps(
-            [name, opts.get("config"), opts.get("split", "train"), opts.get("revision")]
-        ).encode(),
-        digest_size=8,
-    ).hexdigest()
-    return Source(spec, fp, docs, "hf")
+    fp = fileio.digest(
+        [name, opts.get("config"), opts.get("split", "train"), opts.get("revision")], 8
+    )
+    return Source(spec, fp, docs)
 
 
 def _tfds(arg: str, opts: dict, text: str, key: str, spec: str) -> Source:
@@ -188,7 +186,7 @@ def _tfds(arg: str, opts: dict, text: str, key: str, spec: str) -> Source:
             yield f"{i}", _text_of(src[i], text, key, name)
 
     fp = hashlib.blake2b(json.dumps(["tfds", name, split]).encode(), digest_size=8).hexdigest()
-    return Source(spec, fp, docs, "tfds")
+    return Source(spec, fp, docs)
 
 
 def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
@@ -207,20 +205,25 @@ def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
                 yield f"{t.name}:{i}", _text_of(rec, text, key, t.name)
 
     fp = hashlib.blake2b(json.dumps(["seqio", name, split]).encode(), digest_size=8).hexdigest()
-    return Source(spec, fp, docs, "seqio")
+    return Source(spec, fp, docs)
 
 
-def open_source(domain_cfg, key: str) -> Source:
+def check(domain: "config.Domain", key: str) -> None:
+    """What can be checked of a domain's source without opening it (config validation)."""
+    scheme, arg = parse(domain.source, f"{key}.source")
+    if scheme == "builtin":
+        builtin.check_options(arg, dict(domain.options), f"{key}.options")
+
+
+def open_source(domain: "config.Domain", key: str) -> Source:
     """The source of `c.data.<domain>` (`key` names it in errors). Checks that files exist."""
-    spec = domain_cfg["source"]
+    spec = domain.source
     scheme, arg = parse(spec, f"{key}.source")
-    opts = dict(domain_cfg.get("options") or {})
-    text = domain_cfg.get("text", "text") or "text"
+    opts = dict(domain.options)
+    text = domain.text
     if scheme == "builtin":
         o = builtin.check_options(arg, opts, f"{key}.options")
-        fp = hashlib.blake2b(
-            json.dumps([builtin.VERSION, arg, o], sort_keys=True).encode(), digest_size=8
-        )
+        fp = fileio.digest([builtin.VERSION, arg, o], 8)
 
         def docs():
             i = 0
@@ -228,7 +231,7 @@ def open_source(domain_cfg, key: str) -> Source:
                 yield f"{arg}:{o['seed']}:{i}", builtin.document(arg, i, o)
                 i += 1
 
-        return Source(spec, fp.hexdigest(), docs, "builtin")
+        return Source(spec, fp, docs)
     if scheme == "files":
         paths = sorted(
             p for p in glob.glob(os.path.expanduser(arg), recursive=True) if os.path.isfile(p)

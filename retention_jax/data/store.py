@@ -24,9 +24,11 @@ import tempfile
 
 import numpy as np
 
+from retention_jax import fileio
+from retention_jax.config import DOMAINS, Data
 from retention_jax.data import packing as packing_lib
 from retention_jax.data import sources
-from retention_jax.data.checks import DOMAINS, get
+from retention_jax.data.tokenizer import make_tokenizer
 
 VERSION = "store-v1"
 
@@ -76,18 +78,18 @@ class DomainStore:
         return {k: np.asarray(arr[k][idx], dtype=np.int32) for k in packing_lib.KEYS}
 
 
-def _content_key(src, tok, cfg, domain: str) -> str:
+def _content_key(src, tok, cfg: Data, domain: str) -> str:
     parts = [
         VERSION,
         src.fingerprint,
         tok.fingerprint,
-        int(get(cfg, "data.seq_len")),
-        str(get(cfg, "data.packing")),
-        float(get(cfg, "data.val_fraction")),
-        int(get(cfg, "data.val_tokens")),
-        str(get(cfg, f"data.{domain}.text")),
+        cfg.seq_len,
+        cfg.packing,
+        cfg.val_fraction,
+        cfg.val_tokens,
+        cfg.domain(domain).text,
     ]
-    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
+    return fileio.digest(parts, 8)
 
 
 def _find(cache: str, prefix: str, need: int) -> str | None:
@@ -101,12 +103,10 @@ def _find(cache: str, prefix: str, need: int) -> str | None:
     return best[1] if best else None
 
 
-def build_store(src, tok, cfg, domain: str, need: int, path_prefix: str) -> str:
+def build_store(src, tok, cfg: Data, domain: str, need: int, path_prefix: str) -> str:
     """Tokenize `src` until `need` train and the validation sequences are full; write it."""
-    s = int(get(cfg, "data.seq_len"))
-    pk = str(get(cfg, "data.packing"))
-    frac = float(get(cfg, "data.val_fraction"))
-    n_val = int(get(cfg, "data.val_tokens")) // s
+    s, pk, frac = cfg.seq_len, cfg.packing, cfg.val_fraction
+    n_val = cfg.val_tokens // s
     packers = {"train": packing_lib.make_packer(pk, s), "val": packing_lib.make_packer(pk, s)}
     docs = {"train": 0, "val": 0}
     eos = np.asarray([tok.eos_id], np.int32)
@@ -139,7 +139,7 @@ def build_store(src, tok, cfg, domain: str, need: int, path_prefix: str) -> str:
             f"data.{domain}.source={src.spec!r}: holds {have['train']} train and "
             f"{have['val']} validation "
             f"sequences of data.seq_len={s}; the plans need {need} train and {n_val} validation "
-            f"(data.val_tokens={get(cfg, 'data.val_tokens')}, data.val_fraction={frac})"
+            f"(data.val_tokens={cfg.val_tokens}, data.val_fraction={frac})"
         )
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
     cache = os.path.dirname(path_prefix)
@@ -158,7 +158,7 @@ def build_store(src, tok, cfg, domain: str, need: int, path_prefix: str) -> str:
     manifest = {
         "version": VERSION,
         "domain": domain,
-        "name": str(get(cfg, f"data.{domain}.name")),
+        "name": cfg.domain(domain).name,
         "source": src.spec,
         "source_fingerprint": src.fingerprint,
         "tokenizer": tok.spec,
@@ -188,44 +188,37 @@ class Corpus:
         self.seq_len, self.packing = seq_len, packing
         self.vocab_size = int(tokenizer.vocab_size)
         parts = [tokenizer.fingerprint, seq_len, packing] + [stores[d].content for d in DOMAINS]
-        self.fingerprint = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
+        self.fingerprint = fileio.digest(parts, 8)
 
     def manifests(self) -> dict:
         return {d: self.stores[d].manifest for d in DOMAINS}
 
 
-def needs_of(plans_or_need, seq_len: int) -> dict:
-    """Train sequences per domain from a list of StagePlans or a {domain: tokens} dict."""
+def needs_of(plans) -> dict[str, int]:
+    """Train sequences per domain that a set of StagePlans reads."""
     need = {d: 0 for d in DOMAINS}
-    if isinstance(plans_or_need, dict):
-        for d, tokens in plans_or_need.items():
-            if d not in DOMAINS:
-                raise ValueError(f"need[{d!r}]: unknown domain; allowed {list(DOMAINS)}")
-            need[d] = -(-int(tokens) // seq_len)
-        return need
-    for p in plans_or_need:
+    for p in plans:
         for d, n in p.needs.items():
             need[d] = max(need[d], n)
     return need
 
 
-def prepare(cfg, workdir: str, plans_or_need, tokenizer=None) -> Corpus:
-    """Build or reuse the stores the plans need (cfg.data.cache_dir or <workdir>/data_cache)."""
-    from retention_jax.data.checks import validate
-    from retention_jax.data.tokenizer import make_tokenizer
-
-    validate(cfg)
-    tok = tokenizer or make_tokenizer(str(get(cfg, "data.tokenizer")))
-    s = int(get(cfg, "data.seq_len"))
-    cache = str(get(cfg, "data.cache_dir")) or os.path.join(workdir, "data_cache")
-    need = needs_of(plans_or_need, s)
+def prepare(cfg: Data, workdir: str, needs: dict[str, int]) -> Corpus:
+    """Build or reuse stores holding `needs` train sequences per domain (and validation),
+    under cfg.cache_dir or <workdir>/data_cache."""
+    if unknown := set(needs) - set(DOMAINS):
+        raise ValueError(f"needs={needs!r}: unknown domains {sorted(unknown)}; allowed {DOMAINS}")
+    tok = make_tokenizer(cfg.tokenizer)
+    cache = cfg.cache_dir or os.path.join(workdir, "data_cache")
     stores = {}
     for d in DOMAINS:
-        src = sources.open_source(get(cfg, f"data.{d}"), f"data.{d}")
-        name = "".join(ch if ch.isalnum() else "_" for ch in str(get(cfg, f"data.{d}.name")))
+        dom = cfg.domain(d)
+        src = sources.open_source(dom, f"data.{d}")
+        name = "".join(ch if ch.isalnum() else "_" for ch in dom.name)
         prefix = os.path.join(cache, f"{d}-{name}-{_content_key(src, tok, cfg, d)}")
-        path = _find(cache, os.path.basename(prefix), need[d]) or build_store(
-            src, tok, cfg, d, need[d], prefix
+        need = needs.get(d, 0)
+        path = _find(cache, os.path.basename(prefix), need) or build_store(
+            src, tok, cfg, d, need, prefix
         )
         stores[d] = DomainStore(path)
-    return Corpus(tok, stores, s, str(get(cfg, "data.packing")))
+    return Corpus(tok, stores, cfg.seq_len, cfg.packing)

@@ -1,9 +1,8 @@
-r"""Model sizes: the tiny CPU model, SmolLM2-135M and the paper's 1B.
+r"""Model presets: the tiny CPU model, SmolLM2-135M and the paper's 1B.
 
-  python benchmarks/step.py --model=configs/models.py:smollm2_135m
-
-`get_config(name)` returns one preset so that any tool taking a config file can take a
-model; experiment configs call the functions directly.
+Each returns the `model` section of an experiment config (an ml_collections ConfigDict,
+so `--config.model.d_model=256` overrides it); `config.parse_model` makes it typed.
+`PRESETS` names them for tools that take a model by name (benchmarks/step.py).
 """
 
 import ml_collections as mlc
@@ -66,9 +65,3 @@ def tiny(vocab_size: int = 512) -> mlc.ConfigDict:
 
 
 PRESETS = {"tiny": tiny, "smollm2_135m": smollm2_135m, "paper_1b": paper_1b}
-
-
-def get_config(name: str = "tiny") -> mlc.ConfigDict:
-    if name not in PRESETS:
-        raise ValueError(f"model preset {name!r} unknown; allowed: {sorted(PRESETS)}")
-    return PRESETS[name]()

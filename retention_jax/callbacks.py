@@ -1,0 +1,320 @@
+"""The stage loop and the callbacks it calls after every step, each at its own cadence.
+
+The loop only trains and calls callbacks; callbacks read the step's `StepInfo` and may
+ask for a checkpoint of this step or for the stage to end after it. Their order is the
+order of their effects: token counts, metrics and progress, evaluation with early
+stopping, checkpointing, then anything a caller adds (a test's fault injection).
+No callback waits on the device except at its own cadence.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+from retention_jax import checkpoint, data, fileio, perf
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """One finished step as the callbacks see it; they may set the last three fields."""
+
+    step: int
+    num_steps: int
+    host: dict  # this process's rows of the batch just trained on
+    metrics: dict  # the step's metrics, still on device
+    stop: bool = False  # end the stage after this step
+    checkpoint: bool = False  # checkpoint this step
+    val_loss: float | None = None  # with `checkpoint`: ranks the step as a best candidate
+
+
+class Callback:
+    def on_start(self, trainer) -> None:
+        """Before the first step of this attempt (the trainer holds the start state)."""
+
+    def after_step(self, info: StepInfo) -> None:
+        """After each step."""
+
+    def on_end(self, trainer, info: StepInfo | None) -> None:
+        """After the last step of the stage (`info` is None when no step ran)."""
+
+
+def run_loop(trainer, batches, callbacks, num_steps: int, stopped: bool = False) -> None:
+    """Trains until `num_steps` or until a callback stops the stage."""
+    for cb in callbacks:
+        cb.on_start(trainer)
+    info = None
+    while trainer.step < num_steps and not stopped:
+        host = next(batches)
+        info = StepInfo(trainer.step + 1, num_steps, host, trainer.train(host))
+        for cb in callbacks:
+            cb.after_step(info)
+        stopped = info.stop
+    for cb in callbacks:
+        cb.on_end(trainer, info)
+
+
+@dataclasses.dataclass
+class Record:
+    """What a checkpoint's meta carries across restarts: global tokens per domain up to
+    the saved step, evaluations, the early-stopping state, wall and compile seconds."""
+
+    tokens: list
+    evals: list
+    early_stop: dict
+    wall_s: float = 0.0  # of earlier attempts
+    compile_s: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    compiled_s: float = 0.0  # this attempt
+
+    @classmethod
+    def fresh(cls) -> "Record":
+        return cls([0] * len(data.DOMAINS), [], EarlyStopRule(0, 0.0).state())
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Record":
+        keys = ("tokens", "evals", "early_stop", "wall_s", "compile_s")
+        return cls(**{k: meta[k] for k in keys})
+
+    def timing(self) -> dict:
+        return {
+            "wall_s": self.wall_s + time.perf_counter() - self.started,
+            "compile_s": self.compile_s + self.compiled_s,
+        }
+
+    def meta(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "evals": self.evals,
+            "early_stop": self.early_stop,
+            **self.timing(),
+        }
+
+
+def check_finite(step: int, metrics: dict) -> None:
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(
+            f"non-finite metrics at step {step}: {metrics}; the last checkpoint is kept"
+        )
+
+
+class MetricsLog:
+    """metrics.jsonl always, clu/TensorBoard when TensorFlow is installed; process 0 only.
+
+    Lines are kept and the file rewritten whole at each checkpoint (remote stores do
+    not append); after a resume, lines past the resumed step are dropped.
+    """
+
+    def __init__(self, run_dir: str, resumed_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        old = epath.Path(self.path)
+        lines = old.read_text().splitlines() if self.enabled and old.exists() else []
+        self.lines = [x for x in lines if json.loads(x)["step"] <= resumed_step]
+        self.writer = None
+        if self.enabled:
+            try:
+                from clu import metric_writers  # imports TensorFlow
+
+                self.writer = metric_writers.create_default_writer(run_dir, asynchronous=False)
+            except ImportError:
+                pass
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self.lines.append(json.dumps({"step": step, **scalars}))
+        if self.writer is not None:
+            self.writer.write_scalars(step, scalars)
+
+    def flush(self) -> None:
+        if self.enabled:
+            fileio.write_text(self.path, "".join(x + "\n" for x in self.lines))
+        if self.writer is not None:
+            self.writer.flush()
+
+
+class TokenCount(Callback):
+    """Target tokens per domain of this process's rows; summed over processes at a sync."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        self.local = np.zeros(len(data.DOMAINS), np.int64)
+
+    def after_step(self, info: StepInfo) -> None:
+        self.local += data.tokens_by_domain(info.host)
+
+    def sync(self) -> None:
+        """A collective under multi-process: call at checkpoint steps only."""
+        total = _global_sum(self.local)
+        self.record.tokens = (np.asarray(self.record.tokens) + total).tolist()
+        self.local[:] = 0
+
+
+def _global_sum(local: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).sum(0)
+
+
+class Progress(Callback):
+    """Training metrics read one step late (no wait on the step just dispatched), checked
+    for NaN/Inf, logged with throughput; one progress line per report."""
+
+    def __init__(
+        self, log: MetricsLog, name: str, plan, flops: float, peak: float, step: int, every: int
+    ):
+        self.log, self.name, self.plan, self.flops, self.peak = log, name, plan, flops, peak
+        self.every = every
+        self.pending = None
+        self.mark = (time.perf_counter(), step)
+
+    def after_step(self, info: StepInfo) -> None:
+        self.flush()  # the previous step's metrics, now that this one is dispatched
+        if info.step % self.every == 0:
+            self.pending = (info.step, info.metrics)
+
+    def report(self, step: int, metrics: dict | None) -> None:
+        """Logs `step` now (a checkpoint step)."""
+        if metrics is not None:
+            self.pending = (step, metrics)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, m)
+        now = time.perf_counter()
+        done = step - self.mark[1]
+        m.update(perf.throughput(m["tokens"] * done, now - self.mark[0], self.flops, self.peak))
+        self.mark = (now, step)
+        self.log.write(step, m)
+        left = (self.plan.num_steps - step) * self.plan.batch * self.plan.seq_len
+        if self.log.enabled:
+            print(
+                f"{self.name} step {step}/{self.plan.num_steps} loss {m['loss']:.4f} "
+                f"{m['tokens_per_s']:,.0f} tok/s MFU {m['mfu']:.1%} "
+                f"ETA {left / max(m['tokens_per_s'], 1e-9):.0f}s",
+                flush=True,
+            )
+
+
+class EarlyStopRule:
+    """Best validation loss so far and evaluations since it improved."""
+
+    def __init__(self, patience: int, min_delta: float, state: dict | None = None):
+        self.patience, self.min_delta = patience, min_delta
+        s = state or {"best": math.inf, "best_step": 0, "bad": 0}
+        self.best, self.best_step, self.bad = s["best"], s["best_step"], s["bad"]
+
+    def update(self, step: int, loss: float) -> bool:
+        """Records an evaluation; True when training should stop."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+        else:
+            self.bad += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+
+class EarlyStopping(Callback):
+    """Evaluates D_post every `every` steps and at the end; checkpoints each evaluation,
+    ranking the improving ones, and stops after `patience` evaluations without gain."""
+
+    def __init__(
+        self, evaluate_post, rule: EarlyStopRule, every: int, record: Record, log: MetricsLog
+    ):
+        self.evaluate_post, self.rule, self.every = evaluate_post, rule, every
+        self.record, self.log = record, log
+
+    def after_step(self, info: StepInfo) -> None:
+        if info.step % self.every and info.step != info.num_steps:
+            return
+        loss = self.evaluate_post()
+        check_finite(info.step, {"val/post": loss})
+        self.record.evals.append([info.step, loss])
+        info.stop = self.rule.update(info.step, loss)
+        self.record.early_stop = self.rule.state()
+        self.log.write(info.step, {"val/post": loss})
+        info.checkpoint = True
+        info.val_loss = loss if self.rule.best_step == info.step else None
+
+
+class Checkpointing(Callback):
+    """Saves every `every` steps, at the stage's end and when a callback asks; before each
+    save the step's metrics are logged and the token counts synced over processes."""
+
+    def __init__(
+        self,
+        mngr,
+        every: int,
+        items,
+        data_iter,
+        progress: Progress,
+        tokens: TokenCount,
+        log: MetricsLog,
+        record: Record,
+        meta: dict,
+    ):
+        self.mngr, self.every, self.items, self.data_iter = mngr, every, items, data_iter
+        self.progress, self.tokens, self.log = progress, tokens, log
+        self.record, self.meta = record, meta
+
+    def after_step(self, info: StepInfo) -> None:
+        if info.checkpoint or info.step % self.every == 0 or info.step == info.num_steps:
+            self.save(info.step, info.metrics, info.val_loss)
+
+    def on_end(self, trainer, info: StepInfo | None) -> None:
+        if self.mngr.latest_step() != trainer.step:  # no step ran, or resumed at the end
+            self.save(trainer.step, info.metrics if info else None)
+
+    def save(self, step: int, metrics: dict | None, val_loss: float | None = None) -> None:
+        self.progress.report(step, metrics)
+        self.tokens.sync()
+        self.log.flush()
+        meta = {**self.meta, **self.record.meta(), "step": step}
+        checkpoint.save(
+            self.mngr,
+            step,
+            **self.items(),
+            data_iter=self.data_iter,
+            meta=json.loads(json.dumps(meta)),
+            val_loss=val_loss,
+        )
+
+
+class RaiseAt(Callback):
+    """Raises `error` after step `step`'s other callbacks ran: a job killed there."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error = step, error
+
+    def after_step(self, info: StepInfo) -> None:
+        if info.step == self.step:
+            raise self.error
+
+
+class OnStart(Callback):
+    """Calls `fn(trainer)` before the first step (a test's view of the start state)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_start(self, trainer) -> None:
+        self.fn(trainer)

@@ -1,0 +1,122 @@
+"""What turns the pure steps of `train.py` into a running stage: jitted programs and a trainer.
+
+`StepFunctions` are the sharded, donating, jitted train and eval steps of one (model,
+static optimizer, mesh, rules) combination; the runtime caches them and their compiled
+executables. A `Trainer` owns one stage's compiled step, its state, rng and step counter:
+the loop only calls `trainer.train(host_batch)`.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from retention_jax import config, data, sharding, train
+from retention_jax import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The jitted (not yet compiled) steps of one model, optimizer, mesh and rule table."""
+
+    graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh
+    state_sharding: train.TrainState
+    batch_sharding: NamedSharding
+    state_shapes: train.TrainState  # ShapeDtypeStructs with shardings: AOT and restore target
+    train: Callable
+    evaluate: Callable
+    init_opt: Callable  # params -> fresh optimizer state, in its shardings
+
+    def batch_shapes(self, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch, seq_len)
+        return {
+            k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+            for k in data.KEYS
+        }
+
+    def lower_train(self, batch_shapes: dict) -> Any:
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        return self.train.lower(self.state_shapes, batch_shapes, rng)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`: a target for AOT compile and restore."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def step_functions(
+    model: config.Model, optimizer: config.Optimizer, mesh: jax.sharding.Mesh, rules
+) -> StepFunctions:
+    """Builds the sharded, donating, jitted train and eval steps (nothing is compiled)."""
+    static = optimizer.static()
+    tx = train.make_tx(static)
+    graphdef, abs_params = model_lib.abstract_state(model, mesh, rules)
+    param_sh = jax.tree.map(lambda x: x.sharding, abs_params)
+    replicated = NamedSharding(mesh, P())
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+    )
+    hp_sh = {k: replicated for k in train.HPARAMS}
+    state_sh = train.TrainState(replicated, param_sh, opt_sh, hp_sh)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    state_shapes = train.TrainState(
+        scalar(jnp.int32),
+        abs_params,
+        abstract(abs_opt, opt_sh),
+        {k: scalar(jnp.float32) for k in train.HPARAMS},
+    )
+    batch_sh = sharding.batch_sharding(mesh)
+    train_fn = jax.jit(
+        functools.partial(train.train_step, graphdef, static),
+        in_shardings=(state_sh, batch_sh, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(train.eval_step, graphdef),
+        in_shardings=(param_sh, batch_sh),
+        out_shardings=replicated,
+    )
+    init_opt = jax.jit(tx.init, out_shardings=opt_sh)
+    return StepFunctions(
+        graphdef, mesh, state_sh, batch_sh, state_shapes, train_fn, eval_fn, init_opt
+    )
+
+
+def fresh_state(fns: StepFunctions, params: nnx.State, schedule: dict) -> train.TrainState:
+    """A new optimizer and schedule around `params` (a new stage or a branch)."""
+    hp = jax.device_put(train.hparams(schedule), fns.state_sharding.hp)
+    step = jax.device_put(jnp.zeros((), jnp.int32), fns.state_sharding.step)
+    return train.TrainState(step, params, fns.init_opt(params), hp)
+
+
+def init_params(fns: StepFunctions, model: config.Model, rules, seed: int) -> nnx.State:
+    """Freshly initialised parameters, each created directly in its sharding."""
+    return nnx.state(model_lib.create(model, fns.mesh, rules, seed))
+
+
+class Trainer:
+    """One stage's compiled train step, its state, rng and step counter."""
+
+    def __init__(self, fns: StepFunctions, executable: Callable, state: train.TrainState, rng):
+        self.fns, self.executable, self.state = fns, executable, state
+        self.rng = jax.device_put(rng, fns.state_sharding.step)
+        self.step = int(jax.device_get(state.step))
+
+    def train(self, host_batch: dict) -> dict[str, jax.Array]:
+        """One step on this process's rows; metrics stay on device (no host sync)."""
+        batch = data.to_global(host_batch, self.fns.mesh, self.fns.batch_sharding.spec)
+        self.state, metrics = self.executable(self.state, batch, self.rng)
+        self.step += 1
+        return metrics
