@@ -465,10 +465,19 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     for axis, n in shape.items():
         if n == -1:
             if num_devices % known:
-                fail("mesh", dict(sizes), f"axes whose product divides the {num_devices} devices")
+                fail(
+                    "mesh",
+                    dict(sizes),
+                    f"fixed axes whose product ({known}) divides the {num_devices} devices",
+                )
             shape[axis] = num_devices // known
     if math.prod(shape.values()) != num_devices:
-        fail("mesh", dict(sizes), f"sizes whose product is the {num_devices} devices")
+        fail(
+            "mesh",
+            dict(sizes),
+            f"sizes whose product ({math.prod(shape.values())}) is "
+            f"the {num_devices} devices available",
+        )
     return shape
 
 

@@ -29,7 +29,7 @@ def cfg(cache, **kw):
     c = mlc.ConfigDict(c.to_dict(), type_safe=False)
     for k, v in kw.items():
         config.assign(c, k, v)
-    return c
+    return config.parse(c, jax.device_count())
 
 
 MODES = {
@@ -55,12 +55,12 @@ def setup(cache, name, **extra):
     stage, kw = MODES[name]
     c = cfg(cache, **{**kw, **extra})
     plans = [data.plan(s, c) for s in ("pretrain", "posttrain", "finetune")]
-    corpus = data.prepare(c, str(cache), plans)
+    corpus = data.prepare(c.data, str(cache), data.needs_of(plans))
     return c, corpus, data.plan(stage, c)
 
 
 def run(corpus, plan, c, **kw):
-    return list(data.loader(corpus, plan, c, **kw))
+    return list(data.loader(corpus, plan, c.data.workers, **kw))
 
 
 def same(a, b):
@@ -80,11 +80,11 @@ def test_deterministic_seeded_resumable(cache, name):
     assert corpus1.fingerprint == corpus.fingerprint  # the seed orders, it does not change the data
     assert not same(a, run(corpus1, plan1, c1))  # different seed -> different order
     k = 3
-    it = data.loader(corpus, plan, c)
+    it = data.loader(corpus, plan, c.data.workers)
     for _ in range(k):
         next(it)
     state = it.get_state()
-    it2 = data.loader(corpus, plan, c)
+    it2 = data.loader(corpus, plan, c.data.workers)
     it2.set_state(state)
     assert same(list(it2), a[k:])  # resume after k batches -> identical continuation
     b = a[-1]
@@ -118,7 +118,7 @@ def test_batches_match_plan_and_processes(cache):
                 np.concatenate([halves[0][k][key], halves[1][k][key]]), batches[k][key]
             )
     with pytest.raises(ValueError, match="pretrain.batch=8"):
-        data.loader(corpus, plan, c, process_count=3)
+        data.loader(corpus, plan, c.data.workers, process_count=3)
 
 
 def test_prepare_cached_and_prefix_stable(cache, monkeypatch):
@@ -131,13 +131,13 @@ def test_prepare_cached_and_prefix_stable(cache, monkeypatch):
         raise AssertionError("rebuilt a cached store")
 
     monkeypatch.setattr(store, "build_store", boom)
-    again = data.prepare(c, str(cache), {"post": 10 * S})  # smaller need: reuses the cached store
+    again = data.prepare(c.data, str(cache), {"post": 10})  # smaller need: reuses the cached store
     assert (
         again.fingerprint == corpus.fingerprint
         and again.stores["post"].path == corpus.stores["post"].path
     )
     monkeypatch.undo()
-    bigger = data.prepare(c, str(cache), {"post": 100 * S})
+    bigger = data.prepare(c.data, str(cache), {"post": 100})
     assert bigger.fingerprint == corpus.fingerprint
     small, big = (
         corpus.stores["post"].arrays["train"]["tokens"],
@@ -210,7 +210,7 @@ def test_first_fit_segments():
 
 def test_to_global_on_mesh(cache):
     c, corpus, plan = setup(cache, "add")
-    b = next(data.loader(corpus, plan, c))
+    b = next(data.loader(corpus, plan, c.data.workers))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     g = data.to_global(b, mesh, P("data", None))
     assert set(g) == {"inputs", "targets", "segment_ids", "positions"}
@@ -224,13 +224,13 @@ def test_orbax_checkpoint_of_iterator(cache, tmp_path):
 
     c, corpus, plan = setup(cache, "replay")
     ref = run(corpus, plan, c)
-    it = data.loader(corpus, plan, c)
+    it = data.loader(corpus, plan, c.data.workers)
     for _ in range(5):
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
-    it2 = data.loader(corpus, plan, c)
+    it2 = data.loader(corpus, plan, c.data.workers)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
     assert same(list(it2), ref[5:])

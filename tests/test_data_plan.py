@@ -12,7 +12,7 @@ S = 32  # seq_len: the rounding unit is one sequence of S target tokens
 POOL = 400  # D_post pool in sequences
 
 
-def cfg(**kw):
+def raw(**kw):
     c = base.get_config()
     c.data.seq_len = S
     c.data.val_tokens = 4 * S
@@ -28,6 +28,10 @@ def cfg(**kw):
     for k, v in kw.items():
         config.assign(c, k, v)
     return c
+
+
+def cfg(**kw):
+    return config.parse(raw(**kw), 8)
 
 
 def stream(plan):
@@ -185,21 +189,24 @@ def test_summary_is_json():
 )
 def test_validate_names_key_and_value(key, value, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        data.validate(cfg(**{key: value}))
+        config.parse(raw(**{key: value}), 8)
 
 
 def test_validate_window_too_small_and_replace_too_big():
     with pytest.raises(ValueError, match="pretrain.exposure.window"):
-        data.validate(cfg(**{"pretrain.exposure.lam": 1.0, "pretrain.exposure.window": (0.9, 1.0)}))
+        config.parse(
+            raw(**{"pretrain.exposure.lam": 1.0, "pretrain.exposure.window": (0.9, 1.0)}), 8
+        )
     with pytest.raises(ValueError, match="replace"):
-        data.validate(
-            cfg(
+        config.parse(
+            raw(
                 **{
                     "pretrain.exposure.lam": 1.0,
                     "pretrain.exposure.mode": "replace",
                     "pretrain.tokens": 100 * S,
                 }
-            )
+            ),
+            8,
         )
     with pytest.raises(ValueError, match="stage='eval'"):
         data.plan("eval", cfg())

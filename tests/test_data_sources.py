@@ -1,5 +1,6 @@
 """Real loaders on local files laid out like the hub datasets, tokenizers, and bad inputs."""
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -96,7 +97,7 @@ def cfg(tmp, tokenizer="byte", **kw):
     c = mlc.ConfigDict(c.to_dict(), type_safe=False)
     for k, v in kw.items():
         config.assign(c, k, v)
-    return c
+    return config.parse(c, 8)
 
 
 def hub_cfg(tmp, hub, tokenizer="byte", **kw):
@@ -118,14 +119,18 @@ def hub_cfg(tmp, hub, tokenizer="byte", **kw):
     )
 
 
-def plans(c):
-    return [data.plan(s, c) for s in ("pretrain", "posttrain", "finetune")]
+def needs(c):
+    return data.needs_of([data.plan(s, c) for s in ("pretrain", "posttrain", "finetune")])
+
+
+def domain(source: str, name: str = "d", text: str = "text", **options) -> config.Domain:
+    return config.Domain(source, name, text, options)
 
 
 def test_hub_layouts_offline(tmp_path, hub):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     c = hub_cfg(tmp_path, hub, **{"pretrain.exposure.lam": 0.5})
-    corpus = data.prepare(c, str(tmp_path), plans(c))
+    corpus = data.prepare(c.data, str(tmp_path), needs(c))
     m = corpus.manifests()
     assert m["pre"]["train"]["sequences"] == 40 and m["post"]["train"]["sequences"] == 20
     assert m["ft"]["val"]["sequences"] == 4
@@ -134,10 +139,11 @@ def test_hub_layouts_offline(tmp_path, hub):
     assert key == "en/c4-train.00000-of-00002.json.gz:0" and text.startswith("train web page 0-0")
     ft = corpus.tokenizer.decode(corpus.stores["ft"].arrays["train"]["tokens"][:60])
     assert "Translate to French: the cat number" in ft and "\nle chat numero" in ft
-    tot = sum(data.tokens_by_domain(b) for b in data.loader(corpus, data.plan("pretrain", c), c))
+    tot = sum(data.tokens_by_domain(b) for b in data.loader(corpus, data.plan("pretrain", c), 0))
     assert tot.tolist() == [40 * S, 10 * S, 0]
     val = sources.open_source(
-        {**c.data.pre, "options": {"config": "en", "split": "validation"}}, "data.pre"
+        dataclasses.replace(c.data.pre, options={"config": "en", "split": "validation"}),
+        "data.pre",
     )
     assert next(val.documents())[1].startswith("validation web page")
 
@@ -148,12 +154,12 @@ def test_smollm2_tokenizer(tmp_path, hub, tokenizer_dir):
     assert tok.eos_id == 0 and tok.pad_id == 0 and tok.vocab_size == 49152
     assert tok.decode([19556, 905]) == "Hello world"
     c = hub_cfg(tmp_path, hub, tokenizer=f"hf:{tokenizer_dir}")
-    corpus = data.prepare(c, str(tmp_path), plans(c))
+    corpus = data.prepare(c.data, str(tmp_path), needs(c))
     assert (
         corpus.vocab_size == 49152
         and corpus.stores["pre"].arrays["train"]["tokens"].dtype == np.uint16
     )
-    b = next(data.loader(corpus, data.plan("finetune", c), c))
+    b = next(data.loader(corpus, data.plan("finetune", c), 0))
     assert b["inputs"].max() < 49152 and (b["inputs"] == 0).any()  # EOS (id 0) ends documents
 
 
@@ -172,12 +178,7 @@ def test_sentencepiece_tokenizer(tmp_path):
 def test_datasets_streaming_path(tmp_path, hub):
     pytest.importorskip("datasets")
     src = sources.open_source(
-        dict(
-            source=f"hf:{hub['c4']}",
-            name="c4",
-            text="text",
-            options={"config": "en", "use_datasets": True},
-        ),
+        domain(f"hf:{hub['c4']}", "c4", config="en", use_datasets=True),
         "data.pre",
     )
     docs = src.documents()
@@ -192,9 +193,9 @@ def test_local_files_glob(tmp_path):
     with open(d / "more.jsonl", "w") as f:
         for i in range(5):
             f.write(json.dumps({"body": f"json doc {i}"}) + "\n")
-    src = sources.open_source(dict(source=f"files:{d}/*.txt", name="t", text="text"), "data.pre")
+    src = sources.open_source(domain(f"files:{d}/*.txt", "t", "text"), "data.pre")
     assert [k for k, _ in src.documents()] == ["doc0.txt:0", "doc1.txt:0", "doc2.txt:0"]
-    src = sources.open_source(dict(source=f"files:{d}/*.jsonl", name="j", text="body"), "data.pre")
+    src = sources.open_source(domain(f"files:{d}/*.jsonl", "j", "body"), "data.pre")
     assert [t for _, t in src.documents()][4] == "json doc 4"
 
 
@@ -218,7 +219,7 @@ def test_seqio_source():
             ),
             output_features={},
         )
-    src = sources.open_source(dict(source=f"seqio:{name}", name="s", text="text"), "data.pre")
+    src = sources.open_source(domain(f"seqio:{name}", "s", "text"), "data.pre")
     assert [t for _, t in src.documents()][:2] == ["doc 0", "doc 1"]
 
 
@@ -226,37 +227,41 @@ def test_tfds_source_needs_extra():
     if importlib.util.find_spec("tensorflow_datasets") is not None:
         pytest.skip("tensorflow_datasets installed; the error path is not reachable")
     with pytest.raises(ValueError, match="data.pre.source='tfds:c4/en:train'"):
-        sources.open_source(dict(source="tfds:c4/en:train", name="c4", text="text"), "data.pre")
+        sources.open_source(domain("tfds:c4/en:train", "c4", "text"), "data.pre")
 
 
 def test_bad_inputs_name_key_and_value(tmp_path, hub):
     with pytest.raises(ValueError, match="data.pre.source='gcs:bucket'"):
-        data.validate(cfg(tmp_path, **{"data.pre.source": "gcs:bucket"}))
+        cfg(tmp_path, **{"data.pre.source": "gcs:bucket"})
     with pytest.raises(
         ValueError, match=r"data.post.source='files:/nonexistent/\*.txt': no files match"
     ):
         data.prepare(
-            cfg(tmp_path, **{"data.post.source": "files:/nonexistent/*.txt"}), str(tmp_path), {}
+            cfg(tmp_path, **{"data.post.source": "files:/nonexistent/*.txt"}).data,
+            str(tmp_path),
+            {},
         )
     with pytest.raises(
         ValueError, match=r"data.ft.text='\{inputs\}\\n\{answer\}': field 'answer' missing"
     ):
         c = hub_cfg(tmp_path, hub, **{"data.ft.text": "{inputs}\n{answer}"})
-        data.prepare(c, str(tmp_path), {})
+        data.prepare(c.data, str(tmp_path), {})
     with pytest.raises(ValueError, match="data.pre.options.config='fr': not in"):
         data.prepare(
-            hub_cfg(tmp_path, hub, **{"data.pre.options": {"config": "fr"}}), str(tmp_path), {}
+            hub_cfg(tmp_path, hub, **{"data.pre.options": {"config": "fr"}}).data, str(tmp_path), {}
         )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(
         ValueError, match="data.post.source='files:.*empty.jsonl': the source is empty"
     ):
-        data.prepare(cfg(tmp_path, **{"data.post.source": f"files:{empty}"}), str(tmp_path), {})
+        data.prepare(
+            cfg(tmp_path, **{"data.post.source": f"files:{empty}"}).data, str(tmp_path), {}
+        )
     with pytest.raises(
         ValueError, match="data.post.source=.*holds .* train .* the plans need 1000 train"
     ):
-        data.prepare(hub_cfg(tmp_path, hub), str(tmp_path), {"post": 1000 * S})
+        data.prepare(hub_cfg(tmp_path, hub).data, str(tmp_path), {"post": 1000})
     with pytest.raises(ValueError, match="data.tokenizer='hf:/no/such/dir'"):
         data.make_tokenizer("hf:/no/such/dir")
     with pytest.raises(ValueError, match="data.tokenizer='spm:/no/such.model'"):
@@ -264,4 +269,4 @@ def test_bad_inputs_name_key_and_value(tmp_path, hub):
     with pytest.raises(ValueError, match="data.tokenizer='bpe'"):
         data.make_tokenizer("bpe")
     with pytest.raises(ValueError, match="data.pre.source='hf:./missing_dir'"):
-        sources.open_source(dict(source="hf:./missing_dir", name="x", text="text"), "data.pre")
+        sources.open_source(domain("hf:./missing_dir", "x", "text"), "data.pre")
