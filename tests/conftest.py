@@ -28,11 +28,19 @@ def tokenizer_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory) -> str:
-    """A finished `configs/default.py:smoke` experiment (shared by the tests that read one)."""
+def smoke_run(tmp_path_factory):
+    """A finished `configs/default.py:smoke` experiment and the runtime that ran it."""
     from configs import default
-    from retention_jax import experiment
+    from retention_jax import experiment, runtime
 
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    experiment.run(default.get_config("smoke"), workdir)
-    return workdir
+    c = default.get_config("smoke")
+    rt = runtime.Runtime.create(c.mesh, c.rules)
+    experiment.run(c, workdir, rt=rt)
+    return workdir, rt
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(smoke_run) -> str:
+    """The smoke experiment's work directory (shared by the tests that read one)."""
+    return smoke_run[0]

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from retention_jax import checkpoint, data, experiment, sharding, stage
-from retention_jax import train as train_lib
+from retention_jax import (
+    callbacks,
+    checkpoint,
+    config,
+    data,
+    experiment,
+    runtime,
+    sharding,
+    stage,
+    trainer,
+)
 
 
 def _rows(workdir):
@@ -19,7 +28,9 @@ def _rows(workdir):
 
 
 @pytest.mark.slow
-def test_smoke_graph_results_and_rerun_trains_nothing(smoke_workdir):
+def test_smoke_graph_results_and_rerun_trains_nothing(smoke_run):
+    smoke_workdir, smoke_rt = smoke_run
+    assert smoke_rt.compiles["train"] == 1  # eight nodes, one train-step shape: one compile
     rows = _rows(smoke_workdir)
     nodes = experiment.expand(default.get_config("smoke"))
     leaves = [n for n in nodes if n.stage == "finetune"]
@@ -37,9 +48,9 @@ def test_smoke_graph_results_and_rerun_trains_nothing(smoke_workdir):
         n.id: os.path.getmtime(os.path.join(smoke_workdir, "runs", n.id, stage.RESULT))
         for n in nodes
     }
-    compiles = train_lib.COMPILES["train"]
-    again = experiment.run(default.get_config("smoke"), smoke_workdir)
-    assert train_lib.COMPILES["train"] == compiles  # nothing was compiled, so nothing trained
+    rt = runtime.Runtime.create(default.get_config("smoke").mesh, default.get_config().rules)
+    again = experiment.run(default.get_config("smoke"), smoke_workdir, rt=rt)
+    assert rt.compiles["train"] == 0  # nothing was compiled, so nothing trained
     assert stamps == {
         n.id: os.path.getmtime(os.path.join(smoke_workdir, "runs", n.id, stage.RESULT))
         for n in nodes
@@ -63,25 +74,26 @@ def test_smoke_early_stopping_result_is_best_eval(smoke_workdir):
 
 
 def test_early_stop_rule():
-    es = stage._EarlyStop(patience=2, min_delta=0.01)
+    es = callbacks.EarlyStopRule(patience=2, min_delta=0.01)
     decisions = [es.update(s, v) for s, v in [(10, 3.0), (20, 2.0), (30, 1.995), (40, 2.5)]]
     assert decisions == [False, False, False, True]  # 1.995 is within min_delta: no gain
     assert (es.best, es.best_step, es.bad) == (2.0, 20, 2)
-    never = stage._EarlyStop(patience=0, min_delta=0.0)
+    never = callbacks.EarlyStopRule(patience=0, min_delta=0.0)
     assert not any(never.update(s, 5.0) for s in range(10))
 
 
 def test_dry_run_lists_nodes_and_budgets(capsys):
     experiment.run(default.get_config("smoke"), "/nonexistent", dry_run=True)
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.split()[0].split("-")[0] in stage.STAGES]
+    lines = [line for line in out.splitlines() if line.split()[0].split("-")[0] in config.STAGES]
     assert [line.split("-")[0] for line in lines] == ["pretrain"] * 2 + ["posttrain"] * 2 + [
         "finetune"
     ] * 4
     lam1 = next(line for line in lines if '"pretrain.exposure.lam": 1.0' in line)
-    assert lam1.split()[2:6] == ["40", "65,536", "16,384", "0"]  # steps, pre, post, ft tokens
+    # steps, warmup, pre, post, ft tokens
+    assert lam1.split()[2:7] == ["40", "4", "65,536", "16,384", "0"]
     lam0 = next(line for line in lines if '"pretrain.exposure.lam": 0.0' in line)
-    assert lam0.split()[2:6] == ["32", "65,536", "0", "0"]
+    assert lam0.split()[2:7] == ["32", "4", "65,536", "0", "0"]
     assert "8 nodes" in out
     assert not os.path.exists("/nonexistent")
 
@@ -101,52 +113,41 @@ class _Killed(Exception):
     pass
 
 
-def _die_after(monkeypatch, steps: int) -> None:
-    """The next compiled train step raises after `steps` calls, like a killed job."""
-    original = train_lib.Steps.compile_train
-
-    def dying(self, batch_shapes):
-        exe, seconds = original(self, batch_shapes)
-        calls = {"n": 0}
-
-        def step(*args):
-            calls["n"] += 1
-            if calls["n"] > steps:
-                raise _Killed()
-            return exe(*args)
-
-        return step, seconds
-
-    monkeypatch.setattr(train_lib.Steps, "compile_train", dying)
-
-
 def _params(run_dir: str, step: int, node: experiment.Node):
-    c = node.cfg
-    mesh = sharding.make_mesh(c.mesh)
-    shapes = train_lib.steps_for(
-        stage.model_config(c, node.stage), c[node.stage], mesh, c.rules
-    ).state_shapes.params
-    return jax.device_get(checkpoint.restore_params(os.path.join(run_dir, "ckpt"), step, shapes))
+    e = node.exp
+    mesh = sharding.make_mesh(e.mesh)
+    fns = trainer.step_functions(
+        e.model_for(node.stage), e.stage(node.stage).optimizer, mesh, e.rules
+    )
+    return jax.device_get(
+        checkpoint.restore_params(os.path.join(run_dir, "ckpt"), step, fns.state_shapes.params)
+    )
+
+
+def test_start_resolution_order():
+    assert stage.resolve_start(12, ("/p", 30)) == stage.Start("resume", 12)
+    assert stage.resolve_start(None, ("/p", 30)) == stage.Start("branch", 30, "/p")
+    assert stage.resolve_start(None, None) == stage.Start("init")
+    assert stage.resolve_start(0, None) == stage.Start("resume", 0)
 
 
 @pytest.mark.slow
-def test_branch_starts_from_parent_params_with_fresh_optimizer(
-    smoke_workdir, tmp_path, monkeypatch
-):
+def test_branch_starts_from_parent_params_with_fresh_optimizer(smoke_workdir, tmp_path):
     pre, post = _smoke_node("pretrain"), _smoke_node("posttrain")
     _copy_runs(smoke_workdir, str(tmp_path), pre)
     seen = []
-    original = train_lib.init_state
 
-    def spy(steps, params, opt, total_steps):
-        state = original(steps, params, opt, total_steps)
-        seen.append(jax.device_get((params, state.opt, state.step)))
-        return state
+    def look(t):  # the branch is made; no step is needed
+        seen.append(jax.device_get((t.state.params, t.state.opt, t.state.step)))
+        raise _Killed()
 
-    monkeypatch.setattr(train_lib, "init_state", spy)
-    _die_after(monkeypatch, 0)  # the branch is made; no step is needed
     with pytest.raises(_Killed):
-        experiment.run(default.get_config("smoke"), str(tmp_path), only=post.id)
+        experiment.run(
+            default.get_config("smoke"),
+            str(tmp_path),
+            only=post.id,
+            extra_callbacks=[callbacks.OnStart(look)],
+        )
     parent = stage.read_result(os.path.join(smoke_workdir, "runs", pre.id))
     expected = _params(os.path.join(smoke_workdir, "runs", pre.id), parent["result_step"], pre)
     ((params, opt, step),) = seen
@@ -179,10 +180,14 @@ def test_killed_stage_resumes_to_identical_result(
     workdir = str(tmp_path / "killed")
     if node.parent is not None:
         _copy_runs(smoke_workdir, workdir, node.parent)
-    _die_after(monkeypatch, kill_after)
     monkeypatch.chdir(tmp_path)  # the first attempt names its work directory relatively
     with pytest.raises(_Killed):
-        experiment.run(default.get_config("smoke"), "killed", only=node.id)
+        experiment.run(
+            default.get_config("smoke"),
+            "killed",
+            only=node.id,
+            extra_callbacks=[callbacks.RaiseAt(kill_after, _Killed())],
+        )
     monkeypatch.undo()
     run_dirs = [os.path.join(w, "runs", node.id) for w in (smoke_workdir, workdir)]
     assert stage.read_result(run_dirs[1]) is None
