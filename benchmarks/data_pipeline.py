@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from configs import base  # noqa: E402
-from retention_jax import data  # noqa: E402
+from retention_jax import config, data  # noqa: E402
 
 
 def main() -> None:
@@ -41,9 +41,10 @@ def main() -> None:
     c.pretrain.exposure.lam = 0.5
     with tempfile.TemporaryDirectory() as tmp:
         c.data.cache_dir = tmp
-        plan = data.plan("pretrain", c)
+        exp = config.parse(c, 1)
+        plan = data.plan("pretrain", exp)
         t0 = time.perf_counter()
-        corpus = data.prepare(c, tmp, [plan])
+        corpus = data.prepare(exp.data, tmp, data.needs_of([plan]))
         t_prep = time.perf_counter() - t0
         prepared = sum(
             m["train"]["target_tokens"] + m["val"]["target_tokens"]
@@ -51,7 +52,7 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         total = np.zeros(len(data.DOMAINS), np.int64)
-        for b in data.loader(corpus, plan, c):
+        for b in data.loader(corpus, plan, exp.data.workers):
             total += data.tokens_by_domain(b)
         t_load = time.perf_counter() - t0
     out = dict(

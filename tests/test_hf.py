@@ -1,5 +1,6 @@
 """HF Llama import/export: logits parity with transformers, exact round trips, tokenizers."""
 
+import dataclasses
 import json
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from configs import base
-from retention_jax import hf
+from retention_jax import config, hf
 from retention_jax import model as model_lib
 
 torch = pytest.importorskip("torch", reason="torch is needed to build reference HF models")
@@ -94,7 +95,7 @@ def test_import_export_round_trip(tmp_path, mesh, n_kv_heads, tie):
 def test_export_merges_lora(tmp_path, mesh):
     hf_model(2, True).save_pretrained(tmp_path / "hf")
     cfg = hf.config_from_hf(str(tmp_path / "hf"))
-    cfg.lora.update(rank=2, alpha=4.0, targets=("q", "o", "down"))
+    cfg = dataclasses.replace(cfg, lora=config.Lora(2, 4.0, 0.0, ("q", "o", "down")))
     with nnx.use_eager_sharding(False):  # RBG init: threefry takes seconds to compile
         model = model_lib.Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")))
     for name in ("q_lora_b", "o_lora_b", "down_lora_b"):
@@ -109,13 +110,13 @@ def test_export_merges_lora(tmp_path, mesh):
 
 def test_config_reads_legacy_rope_theta(tmp_path):
     hf_model(4, True).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("rope_parameters")
-    config["rope_theta"] = 1234.0
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    hf_config.pop("rope_parameters")
+    hf_config["rope_theta"] = 1234.0
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
     assert hf.config_from_hf(str(tmp_path)).rope_base == 1234.0
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
     with pytest.raises(NotImplementedError, match="RoPE scaling"):
         hf.config_from_hf(str(tmp_path))
 

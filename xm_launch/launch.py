@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retention_jax import experiment, stage  # noqa: E402
+from retention_jax import config, experiment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Shared work directory (gs://...).", required=True)
@@ -32,7 +32,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job waves only.")
 def waves(cfg) -> list[list[str]]:
     """Node ids per stage: each wave depends only on the waves before it."""
     nodes = experiment.expand(cfg)
-    return [[n.id for n in nodes if n.stage == s] for s in stage.STAGES]
+    return [[n.id for n in nodes if n.stage == s] for s in config.STAGES]
 
 
 def _install() -> str:
@@ -74,7 +74,7 @@ async def _launch(plan: list[list[str]], config_args: list[str]) -> None:
 def main(argv) -> None:
     del argv
     plan = waves(_CONFIG.value)
-    for name, wave in zip(stage.STAGES, plan):
+    for name, wave in zip(config.STAGES, plan):
         print(f"{name}: {len(wave)} jobs: {' '.join(wave)}")
     if _DRY_RUN.value:
         return
