@@ -165,7 +165,7 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
             p = jax.tree.map(lambda x, d: jnp.where(on, x - lr * d, x), p, g)
             return (p, taken + on), None
 
-        (params, taken), _ = jax.lax.scan(step, (params, 0), jnp.arange(steps))
+        (params, taken), _ = jax.lax.scan(step, (params, 0), jnp.arange(steps), unroll=8)
         return params, taken
 
     w_NxN = jnp.exp(-knobs.T) * jnp.eye(n)
@@ -190,7 +190,7 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
     )
     thetas.append(params[0] @ params[1])
     th_4xNxN = jnp.stack(thetas)
-    off_4xNxN = th_4xNxN * (1 - jnp.eye(n))
+    off_4xNxN = th_4xNxN * (1 - jnp.eye(n))[None]
     return dict(
         singular_4xN=jax.vmap(jnp.diag)(th_4xNxN),
         losses_4x3xN=jax.vmap(feature_losses)(th_4xNxN),
@@ -448,17 +448,18 @@ def draw(rep: dict[str, Any]) -> Figure:
                     label=f"{name}, after stage {1 if stage == 'pretrain' else 2}",
                 )
             ax_d.plot(x, [p[f"delta_{name}"] for p in points], style, color=color, label=name)
-            ax_l.plot(x, [p[f"L_ret_{name}"] for p in points], style, color=color,
-                      label=f"L_ret {name}")  # fmt: skip
-            ax_l.plot(x, [p[f"pre_rise_{name}"] for p in points], style, color=color, mfc="none",
-                      alpha=0.6, label=f"D_pre rise in stage 2, {name}")  # fmt: skip
+            ax_l.plot(x, [p[f"L_ret_{name}"] for p in points], style, color=color, label=name)
+            rise = [p[f"pre_rise_{name}"] for p in points]
+            ax_l.plot(
+                x, rise, style, color=color, mfc="none", alpha=0.6, label=f"{name}, D_pre rise"
+            )
         ax_sv.axhline(points[0]["beta"], color="gray", lw=0.8, label="β")
         ax_sv.axhline(points[0]["alpha_beta"], color="gray", lw=0.8, ls=":", label="αβ")
         ax_d.plot(x, [p["bound_bound"] for p in points], "k:", label="paper's bound (unmixed)")
         ax_d.axhline(0, color="gray", lw=0.5)
         for ax, title in zip(
             row,
-            ("specialized singular value", "Δ = L_ret − L_im", "losses"),
+            ("specialized singular value", "Δ = L_ret − L_im", "L_ret; D_pre loss rise in stage 2"),
             strict=True,
         ):
             ax.set_xlabel("T (init exp(−T)·I)" if key == "T" else "K (stage-2 steps, both)")
