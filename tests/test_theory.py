@@ -55,6 +55,13 @@ def test_bad_config_names_key_value_and_what_is_allowed(override, message):
         dataclasses.replace(CFG, **override)
 
 
+def test_a_batch_point_may_set_only_what_the_batch_varies():
+    with pytest.raises(ValueError, match=r"config key beta=0.3: a point may set only \("):
+        theory.simulate(CFG, [{"beta": 0.3}])
+    with pytest.raises(ValueError, match=r"config key T=-1.0: must be > 0"):
+        theory.simulate(CFG, [{"T": -1.0}])
+
+
 def test_identity_init_keeps_theta_diagonal_and_non_negative(runs):
     for run in runs.values():
         assert run.offdiag == 0.0

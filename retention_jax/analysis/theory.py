@@ -56,6 +56,7 @@ TASKS = ("pre", "post", "ft")
 BLOCKS = ("invariant", "inconsistent", "specialized")
 STAGES = ("init", "pretrain", "posttrain", "finetune")
 MODELS = ("mixed", "unmixed")
+POINT_KEYS = ("alpha", "T", "lam", "K")  # what one batch may vary between its runs
 SWEEPS = {"T": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0), "K": (10, 30, 100, 300, 1000, 3000)}
 LAM_SWEEP = (0.0, 0.1, 1.0)  # where the lower bound applies depends on λ
 
@@ -216,8 +217,7 @@ def _pipeline(sig_3xN, var_3xN, knobs, lr, *, steps_pretrain, k_max, steps_finet
 class Run:
     """One model through the three stages."""
 
-    cfg: Config  # the setting it ran under (its own T, lam, K)
-    alpha: float
+    cfg: Config  # the setting it ran under (its own alpha, T, lam, K)
     singular: dict[str, np.ndarray]  # stage -> diagonal of θ at the stage's end
     feature_losses: dict[str, np.ndarray]  # stage -> (L_pre, L_post, L_ft) split by feature
     post_steps: int  # stage-2 steps taken
@@ -268,20 +268,18 @@ class Run:
 def simulate(
     cfg: Config, points: Sequence[dict[str, float]], stop: Sequence[float] | None = None
 ) -> list[Run]:
-    """Runs one batch: each point overrides alpha, T, lam and K of `cfg`.
+    """Runs one batch: each point overrides some of alpha, T, lam and K of `cfg`.
 
     `stop` (per point) halts stage 2 once the D_post loss reaches it; None is the protocol.
     """
-    cfgs = [
-        dataclasses.replace(cfg, **{k: v for k, v in p.items() if k != "alpha"}) for p in points
-    ]
-    alphas = [float(p.get("alpha", cfg.alpha)) for p in points]
-    for a in alphas:
-        dataclasses.replace(cfg, alpha=a)  # validates
+    for p in points:
+        for key in sorted(set(p) - set(POINT_KEYS)):
+            raise ValueError(f"config key {key}={p[key]!r}: a point may set only {POINT_KEYS}")
+    cfgs = [dataclasses.replace(cfg, **p) for p in points]  # validates each point
     stops = [-math.inf] * len(points) if stop is None else list(stop)
     sig, var = zip(*tasks(cfg).values(), strict=True)
     knobs = _Knobs(
-        alpha=jnp.asarray(alphas, jnp.float32),
+        alpha=jnp.asarray([c.alpha for c in cfgs], jnp.float32),
         T=jnp.asarray([c.T for c in cfgs], jnp.float32),
         lam=jnp.asarray([c.lam for c in cfgs], jnp.float32),
         K=jnp.asarray([c.K for c in cfgs], jnp.int32),
@@ -301,13 +299,12 @@ def simulate(
     return [
         Run(
             cfg=c,
-            alpha=a,
             singular=dict(zip(STAGES, out["singular_4xN"][i], strict=True)),
             feature_losses=dict(zip(STAGES, out["losses_4x3xN"][i], strict=True)),
             post_steps=int(out["post_steps"][i]),
             offdiag=float(out["offdiag"][i]),
         )
-        for i, (c, a) in enumerate(zip(cfgs, alphas, strict=True))
+        for i, c in enumerate(cfgs)
     ]
 
 
@@ -356,7 +353,7 @@ def claims(runs: dict[str, Run]) -> dict[str, Any]:
         "K": cfg.K,
         "lam": cfg.lam,
         "beta": cfg.beta,
-        "alpha_beta": runs["mixed"].alpha * cfg.beta,
+        "alpha_beta": runs["mixed"].cfg.alpha * cfg.beta,
         "spec_init": math.exp(-2 * cfg.T),
     }
     for name, run in runs.items():
