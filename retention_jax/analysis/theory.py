@@ -152,6 +152,7 @@ class _Knobs(NamedTuple):
 
 
 def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune):
+    """One model through the three stages; returns θ's diagonal and losses after each."""
     n = sig_3xN.shape[1]
     a_3xNxN = jax.vmap(jnp.diag)(sig_3xN)
 
