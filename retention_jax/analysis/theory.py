@@ -1,32 +1,51 @@
-r"""The paper's two-layer linear network (SCIENCE.md, "The theory"), simulated exactly.
+r"""The paper's section-5 two-layer linear network, simulated under the paper's protocol.
 
-  python -m retention_jax.analysis.theory --out=/tmp/theory.png
+  python -m retention_jax.analysis.theory --json        # the numbers
+  python -m retention_jax.analysis.theory --out=t.png   # the T and K sweeps, drawn
 
-The network is W = W2 @ W1 (hidden width `width`), trained by full-batch gradient descent on
-the population squared loss of each task, L_t(W) = 1/2 tr((W - S_t) C_t (W - S_t)^T): S_t
-holds the task's singular values and C_t its input variances. Rotation-equivariance of GD
-from isotropic random init lets us work in the shared singular basis (U = V = I), so the
-learned singular value of feature i is W[i, i]. Features come in three blocks:
+Model. θ = W1·W2 (n x n, hidden width n) maps x to y; task t has target A_t = U Σ_t Vᵀ and
+every task shares U and V, so we work in that basis (A_t = diag(σ_t)). Losses are population
+losses in closed form, L_t(θ) = E‖(θ - A_t)x‖² = Σ_ij (θ - A_t)_ij² C_t[j], with C_t the
+diagonal input covariance: I_{n-k} (zero on the specialized block) for D_pre and D_ft, I_n for
+D_post. Initialisation W1(0) = W2(0) = exp(-T)·I; from there full-matrix gradient descent
+keeps θ diagonal, with θ_ii = a_i² ≥ 0 (tests check both).
 
-  invariant     the same (largest) singular value in every task
-  inconsistent  shared by every task, but D_post disagrees with D_pre and D_ft
-  specialized   value beta in D_post only; zero input variance under D_pre and D_ft
+Features: invariant (largest singular value, the same in every task), inconsistent (D_post
+disagrees with D_pre and D_ft by at least c_mis), specialized (value β < c_mis/2 in D_post
+only, k of them).
 
-Stage 1 trains on (1 - alpha) D_pre + alpha D_post, stage 2 on D_post, stage 3 on D_ft.
-Stage 2 stops once the D_post loss reaches `post_target` ("matched": the mixed model's
-loss after its stage 1), so both models are compared at (nearly) the same immediate loss
-L_im: the paper's point is that equal L_im can hide different retention. The mixed model
-meets that target already, so post-training leaves its features as they are; the unmixed
-one can reach it within the stage-2 budget only through the inconsistent block, because
-its specialized features sit at a saddle (tiny init) that takes far longer to leave.
-Fine-tuning on D_ft (zero input variance on the specialized block) then undoes that
-distortion. The mixed model's small remaining Δ comes from its stage-1 compromise on the
-inconsistent block, of order alpha.
+Protocol. Stage 1: a fixed number of GD steps (time-limited) on the α-mixture
+(1-α)·D_pre + α·D_post (mixed) or on D_pre (unmixed). Stage 2, the same for both models:
+K GD steps on ‖θ - A_post‖² + λ‖θ - θ0‖², θ0 the stage-2 start. Stage 3: plain GD on D_ft.
+Δ = L_ret - L_im is the rise of the D_post loss during stage 3.
+
+Where the paper's assumptions contradict each other, and what is relaxed here:
+- C.6 (αβ > (1-α)σ_pre + ασ_post on the inconsistent block) cannot hold for non-negative
+  singular values (C.3/C.4): for β < c_mis/2 the mixture's inconsistent target exceeds αβ.
+  With W1(0) = W2(0) the network cannot represent a negative diagonal either. We keep
+  C.3/C.4 and drop C.6, so the mixed model learns the inconsistent block in stage 1, to the
+  mixture's compromise (1-α)σ_pre + ασ_post, instead of leaving it at zero (Thm C.10).
+- The mixture's input covariance on the specialized block is α, so GD drives those singular
+  values to β at rate ∝ αβ, not to αβ: after stage 1 they sit wherever the step budget lets
+  them get (the T sweep shows the window), and they are reported against both β and αβ.
+
+The bound Δ_unmixed ≥ k[c_mis² - 4βε - 2c_mis·ε] is evaluated with k the number of
+inconsistent features and ε the largest distance of the unmixed model's singular values from
+the idealised states the argument assumes, diag(σ_inv, σ_post, 0) after stage 2 and
+diag(σ_inv, σ_ft, 0) after stage 3; it "applies" where it is positive.
+
+`matched_stop` keeps, as an illustration only, the rule that stops each model's stage 2 once
+its D_post loss reaches the mixed model's loss after stage 1: it gives the two models
+different stage-2 lengths, and that difference alone produces a gap in Δ.
 """
 
 import argparse
 import dataclasses
+import functools
+import json
+import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,254 +54,435 @@ from matplotlib.figure import Figure
 
 TASKS = ("pre", "post", "ft")
 BLOCKS = ("invariant", "inconsistent", "specialized")
+STAGES = ("init", "pretrain", "posttrain", "finetune")
+MODELS = ("mixed", "unmixed")
+POINT_KEYS = ("alpha", "T", "lam", "K")  # what one batch may vary between its runs
+SWEEPS = {"T": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0), "K": (10, 30, 100, 300, 1000, 3000)}
+LAM_SWEEP = (0.0, 0.1, 1.0)  # where the lower bound applies depends on λ
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Defaults: D_ft agrees with D_pre on the inconsistent block (an unrelated downstream task
-    keeps the general features), and alpha = 0.03 is about the paper's 0.3B D_post tokens
-    mixed into ~9B pretraining tokens at λ = 1.
+    """One setting of the model and the protocol.
+
+    alpha = 0.03 is about the paper's 0.3B D_post tokens mixed into ~10B pretraining tokens.
+    The stage-1 budget (steps_pretrain · lr = 200 time units) lets the mixed model's
+    specialized features leave their saddle at T up to about 5 (see the T sweep).
     """
 
     n_invariant: int = 2
     n_inconsistent: int = 2
-    n_specialized: int = 2
+    n_specialized: int = 2  # the paper's k
     sigma_invariant: float = 3.0
     sigma_inconsistent: tuple[float, float, float] = (1.0, 2.0, 1.0)  # pre, post, ft
-    beta: float = 0.5  # specialized singular value in D_post
-    post_var_inconsistent: float = 0.5  # D_post input variance on the inconsistent block
-    alpha: float = 0.03  # mixed share of D_post in stage 1 (the mixed model)
-    width: int = 0  # hidden units; 0 -> number of features
-    init_scale: float = 1e-3  # std of the initial weights
-    lr: tuple[float, float, float] = (0.1, 0.01, 0.1)  # stage 2 slow enough to hit the target
-    steps: tuple[int, int, int] = (10_000, 2_000, 2_000)
-    post_target: float | str = "matched"  # stage-2 stop loss; "matched" or a number
-    seed: int = 0
+    beta: float = 0.4  # specialized singular value in D_post
+    alpha: float = 0.03  # share of D_post in the mixed model's stage 1
+    T: float = 4.0  # W1(0) = W2(0) = exp(-T)·I
+    lam: float = 1.0  # proximal weight λ of stage 2
+    K: int = 100  # stage-2 steps, the same for both models
+    lr: float = 0.02  # GD step size of every stage
+    steps_pretrain: int = 10_000
+    steps_finetune: int = 500
+
+    def __post_init__(self):
+        def bad(key: str, allowed: str):
+            raise ValueError(f"config key {key}={getattr(self, key)!r}: {allowed}")
+
+        for key in ("n_invariant", "n_inconsistent", "n_specialized"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "must be an integer >= 1")
+        for key in ("K", "steps_pretrain", "steps_finetune"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, "must be an integer >= 0")
+        sig = self.sigma_inconsistent
+        if len(sig) != 3 or min(sig) < 0:
+            bad("sigma_inconsistent", "must be three non-negative values (pre, post, ft)")
+        if not self.sigma_invariant > max(sig):
+            bad("sigma_invariant", f"must exceed every inconsistent value (max {max(sig)})")
+        if self.c_mis <= 0:
+            bad("sigma_inconsistent", "D_post must differ from D_pre and from D_ft")
+        if not 0 < self.beta < self.c_mis / 2:
+            bad("beta", f"must lie in (0, c_mis/2) = (0, {self.c_mis / 2})")
+        if not 0 <= self.alpha <= 1:
+            bad("alpha", "must lie in [0, 1]")
+        if not self.T > 0:
+            bad("T", "must be > 0")
+        if not self.lam >= 0:
+            bad("lam", "must be >= 0")
+        limit = 1 / (2 * (1 + self.lam) * self.sigma_invariant)
+        if not 0 < self.lr < limit:
+            bad("lr", f"must lie in (0, 1/(2(1+lam)·sigma_invariant)) = (0, {limit:.4g})")
 
     @property
     def n(self) -> int:
         return self.n_invariant + self.n_inconsistent + self.n_specialized
 
+    @property
+    def c_mis(self) -> float:
+        """Margin by which D_post disagrees with D_pre and D_ft on the inconsistent block."""
+        pre, post, ft = self.sigma_inconsistent
+        return min(abs(post - pre), abs(post - ft))
 
-def _blocks(cfg: Config) -> dict[str, slice]:
+
+def blocks(cfg: Config) -> dict[str, slice]:
     a, b = cfg.n_invariant, cfg.n_invariant + cfg.n_inconsistent
     return dict(invariant=slice(0, a), inconsistent=slice(a, b), specialized=slice(b, cfg.n))
 
 
-def tasks(cfg: Config) -> dict[str, tuple[jax.Array, jax.Array]]:
+def tasks(cfg: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per task: (singular values, input variances), one entry per feature."""
     out = {}
     for t, sig_inc in zip(TASKS, cfg.sigma_inconsistent, strict=True):
+        post = float(t == "post")
         sig = [cfg.sigma_invariant] * cfg.n_invariant + [sig_inc] * cfg.n_inconsistent
-        var_inc = cfg.post_var_inconsistent if t == "post" else 1.0
-        var = [1.0] * cfg.n_invariant + [var_inc] * cfg.n_inconsistent
-        spec = 1.0 if t == "post" else 0.0
-        sig += [cfg.beta * spec] * cfg.n_specialized
-        var += [spec] * cfg.n_specialized
-        out[t] = (jnp.asarray(sig), jnp.asarray(var))
+        sig += [cfg.beta * post] * cfg.n_specialized
+        var = [1.0] * (cfg.n_invariant + cfg.n_inconsistent) + [post] * cfg.n_specialized
+        out[t] = (np.asarray(sig, np.float32), np.asarray(var, np.float32))
     return out
 
 
-def loss(w: jax.Array, task: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Population squared loss of the end-to-end map `w` on one task."""
-    sig, var = task
-    return 0.5 * jnp.sum((w - jnp.diag(sig)) ** 2 * var[None, :])
+class _Knobs(NamedTuple):
+    """What varies between the runs of one batch (each field has one entry per run)."""
+
+    alpha: jax.Array
+    T: jax.Array
+    lam: jax.Array
+    K: jax.Array
+    stop: jax.Array  # stage 2 halts once the D_post loss <= stop; -inf under the protocol
 
 
-@jax.jit(static_argnames="steps")
-def _descend(params, mix, lr, target, steps: int, all_tasks):
-    """`steps` GD steps on sum_t mix[t] * L_t; frozen once the D_post loss is <= target.
+def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune):
+    """One model through the three stages; returns θ's diagonal and losses after each."""
+    n = sig_3xN.shape[1]
+    a_3xNxN = jax.vmap(jnp.diag)(sig_3xN)
 
-    Returns the final params and the losses on every task before each step (steps x 3).
-    """
+    def feature_losses(theta_NxN):  # 3xN: each task's loss, split by input feature
+        return jnp.sum((theta_NxN[None] - a_3xNxN) ** 2 * var_3xN[:, None, :], axis=1)
 
-    def objective(p):
-        w = p[1] @ p[0]
-        return sum(m * loss(w, t) for m, t in zip(mix, all_tasks, strict=True))
+    def descend(params, objective, steps, active):
+        def step(carry, i):
+            p, taken = carry
+            g = jax.grad(lambda q: objective(q[0] @ q[1]))(p)
+            on = active(i, p[0] @ p[1])
+            p = jax.tree.map(lambda x, d: jnp.where(on, x - lr * d, x), p, g)
+            return (p, taken + on), None
 
-    def step(p, _):
-        w = p[1] @ p[0]
-        losses = jnp.stack([loss(w, t) for t in all_tasks])
-        g = jax.grad(objective)(p)
-        active = losses[1] > target
-        p = jax.tree.map(lambda x, d: jnp.where(active, x - lr * d, x), p, g)
-        return p, losses
+        (params, taken), _ = jax.lax.scan(step, (params, 0), jnp.arange(steps), unroll=8)
+        return params, taken
 
-    return jax.lax.scan(step, params, None, length=steps)
+    w_NxN = jnp.exp(-knobs.T) * jnp.eye(n)
+    params = (w_NxN, w_NxN)
+    thetas = [params[0] @ params[1]]
+    mix_3 = jnp.stack([1 - knobs.alpha, knobs.alpha, 0.0])
+    params, _ = descend(
+        params, lambda th: mix_3 @ feature_losses(th).sum(1), steps_pretrain, lambda i, th: True
+    )
+    thetas.append(theta0_NxN := params[0] @ params[1])
+
+    def proximal(th):
+        return feature_losses(th)[1].sum() + knobs.lam * jnp.sum((th - theta0_NxN) ** 2)
+
+    def stage2_active(i, th):
+        return (i < knobs.K) & (feature_losses(th)[1].sum() > knobs.stop)
+
+    params, post_steps = descend(params, proximal, k_max, stage2_active)
+    thetas.append(params[0] @ params[1])
+    params, _ = descend(
+        params, lambda th: feature_losses(th)[2].sum(), steps_finetune, lambda i, th: True
+    )
+    thetas.append(params[0] @ params[1])
+    th_4xNxN = jnp.stack(thetas)
+    off_4xNxN = th_4xNxN * (1 - jnp.eye(n))[None]
+    return dict(
+        singular_4xN=jax.vmap(jnp.diag)(th_4xNxN),
+        losses_4x3xN=jax.vmap(feature_losses)(th_4xNxN),
+        offdiag=jnp.max(jnp.abs(off_4xNxN)),
+        post_steps=post_steps,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("steps_pretrain", "k_max", "steps_finetune"))
+def _pipeline(sig_3xN, var_3xN, knobs, lr, *, steps_pretrain, k_max, steps_finetune):
+    """Every run of the batch through the three stages, in one compiled program."""
+    run = functools.partial(
+        _one_run,
+        lr=lr,
+        steps_pretrain=steps_pretrain,
+        k_max=k_max,
+        steps_finetune=steps_finetune,
+    )
+    return jax.vmap(run, in_axes=(None, None, 0))(sig_3xN, var_3xN, knobs)
 
 
 @dataclasses.dataclass
 class Run:
     """One model through the three stages."""
 
-    alpha: float
-    singular: dict[str, np.ndarray]  # "init", "pretrain", "posttrain", "finetune" -> W diag
-    end: dict[str, np.ndarray]  # the same keys -> (L_pre, L_post, L_ft) at the stage's end
-    post_steps: int  # stage-2 steps actually taken
+    cfg: Config  # the setting it ran under (its own alpha, T, lam, K)
+    singular: dict[str, np.ndarray]  # stage -> diagonal of θ at the stage's end
+    feature_losses: dict[str, np.ndarray]  # stage -> (L_pre, L_post, L_ft) split by feature
+    post_steps: int  # stage-2 steps taken
+    offdiag: float  # largest |off-diagonal entry| of θ over all stages
+
+    def end(self, stage: str) -> np.ndarray:
+        """(L_pre, L_post, L_ft) at the end of `stage`."""
+        return self.feature_losses[stage].sum(axis=1)
 
     @property
     def L_im(self) -> float:
-        return float(self.end["posttrain"][1])
+        return float(self.end("posttrain")[1])
 
     @property
     def L_ret(self) -> float:
-        return float(self.end["finetune"][1])
+        return float(self.end("finetune")[1])
+
+    @property
+    def L_ft(self) -> float:
+        return float(self.end("finetune")[2])
 
     @property
     def L_pre(self) -> float:
-        return float(self.end["finetune"][0])
+        return float(self.end("finetune")[0])
 
     @property
     def pre_rise(self) -> float:
-        """How much post-training raised the D_pre loss."""
-        return float(self.end["posttrain"][0] - self.end["pretrain"][0])
+        """How much stage 2 raised the D_pre loss."""
+        return float(self.end("posttrain")[0] - self.end("pretrain")[0])
 
     @property
     def delta(self) -> float:
-        """Increase of the D_post loss caused by fine-tuning."""
+        """Rise of the D_post loss during fine-tuning."""
         return self.L_ret - self.L_im
 
+    def delta_by_block(self) -> dict[str, float]:
+        rise_N = self.feature_losses["finetune"][1] - self.feature_losses["posttrain"][1]
+        return {b: float(rise_N[s].sum()) for b, s in blocks(self.cfg).items()}
 
-def simulate(cfg: Config, alpha: float, post_target: float = -1.0) -> Run:
-    """Runs the three stages for mixing fraction `alpha` (0 = unmixed pretraining)."""
-    all_tasks = tuple(tasks(cfg).values())
-    k1, k2 = jax.random.split(jax.random.key(cfg.seed))
-    h = cfg.width or cfg.n
-    params = (
-        cfg.init_scale * jax.random.normal(k1, (h, cfg.n)),
-        cfg.init_scale * jax.random.normal(k2, (cfg.n, h)),
+    def block_means(self) -> dict[str, dict[str, float]]:
+        """Mean learned singular value per block after each stage."""
+        return {
+            stage: {b: float(np.mean(sv[s])) for b, s in blocks(self.cfg).items()}
+            for stage, sv in self.singular.items()
+        }
+
+
+def simulate(
+    cfg: Config, points: Sequence[dict[str, float]], stop: Sequence[float] | None = None
+) -> list[Run]:
+    """Runs one batch: each point overrides some of alpha, T, lam and K of `cfg`.
+
+    `stop` (per point) halts stage 2 once the D_post loss reaches it; None is the protocol.
+    """
+    for p in points:
+        for key in sorted(set(p) - set(POINT_KEYS)):
+            raise ValueError(f"config key {key}={p[key]!r}: a point may set only {POINT_KEYS}")
+    cfgs = [dataclasses.replace(cfg, **p) for p in points]  # validates each point
+    stops = [-math.inf] * len(points) if stop is None else list(stop)
+    sig, var = zip(*tasks(cfg).values(), strict=True)
+    knobs = _Knobs(
+        alpha=jnp.asarray([c.alpha for c in cfgs], jnp.float32),
+        T=jnp.asarray([c.T for c in cfgs], jnp.float32),
+        lam=jnp.asarray([c.lam for c in cfgs], jnp.float32),
+        K=jnp.asarray([c.K for c in cfgs], jnp.int32),
+        stop=jnp.asarray(stops, jnp.float32),
     )
-
-    def record(name):
-        w = params[1] @ params[0]
-        singular[name] = np.asarray(jnp.diag(w))
-        end[name] = np.asarray([loss(w, t) for t in all_tasks])
-
-    singular, end = {}, {}
-    record("init")
-    mixes = ((1.0 - alpha, alpha, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-    targets = (-1.0, post_target, -1.0)
-    for name, mix, lr, target, steps in zip(
-        ("pretrain", "posttrain", "finetune"), mixes, cfg.lr, targets, cfg.steps, strict=True
-    ):
-        params, losses = _descend(params, mix, lr, target, steps, all_tasks)
-        record(name)
-        if name == "posttrain":
-            post_steps = int(np.sum(np.asarray(losses[:, 1]) > target))
-    return Run(
-        alpha=alpha,
-        singular=singular,
-        end=end,
-        post_steps=post_steps,
+    out = jax.device_get(
+        _pipeline(
+            jnp.stack(sig),
+            jnp.stack(var),
+            knobs,
+            cfg.lr,
+            steps_pretrain=cfg.steps_pretrain,
+            k_max=max(c.K for c in cfgs),
+            steps_finetune=cfg.steps_finetune,
+        )
     )
+    return [
+        Run(
+            cfg=c,
+            singular=dict(zip(STAGES, out["singular_4xN"][i], strict=True)),
+            feature_losses=dict(zip(STAGES, out["losses_4x3xN"][i], strict=True)),
+            post_steps=int(out["post_steps"][i]),
+            offdiag=float(out["offdiag"][i]),
+        )
+        for i, c in enumerate(cfgs)
+    ]
 
 
-def block_means(cfg: Config, run: Run) -> dict[str, dict[str, float]]:
-    """Mean learned singular value per block after each stage."""
-    return {
-        stage: {b: float(np.mean(sv[s])) for b, s in _blocks(cfg).items()}
-        for stage, sv in run.singular.items()
-    }
+def _pairs(point: dict[str, float], cfg: Config) -> list[dict[str, float]]:
+    return [{**point, "alpha": cfg.alpha}, {**point, "alpha": 0.0}]
 
 
 def compare(cfg: Config = Config()) -> dict[str, Run]:
-    """Mixed (alpha = cfg.alpha) and unmixed (alpha = 0) runs, post-trained to one target."""
-    target = cfg.post_target
-    if target == "matched":
-        probe = simulate(dataclasses.replace(cfg, steps=(cfg.steps[0], 0, 0)), cfg.alpha)
-        target = float(probe.end["pretrain"][1])
-    return {
-        "mixed": simulate(cfg, cfg.alpha, float(target)),
-        "unmixed": simulate(cfg, 0.0, float(target)),
-    }
+    """Mixed (alpha = cfg.alpha) and unmixed (alpha = 0) runs under the protocol."""
+    return dict(zip(MODELS, simulate(cfg, _pairs({}, cfg)), strict=True))
 
 
-def claims(cfg: Config, runs: dict[str, Run]) -> dict[str, float]:
-    """The numbers behind the three claims of section 5."""
-    spec = _blocks(cfg)["specialized"]
-    m, u = runs["mixed"], runs["unmixed"]
-    return {
-        "spec_after_pretrain_mixed": float(np.mean(m.singular["pretrain"][spec])),
-        "spec_after_pretrain_unmixed": float(np.max(np.abs(u.singular["pretrain"][spec]))),
-        "spec_init": float(np.max(np.abs(u.singular["init"][spec]))),
+def matched_stop(
+    cfg: Config, target: float | None = None, k_budget: int = max(SWEEPS["K"])
+) -> dict[str, Run]:
+    """Illustration, not the protocol: stage 2 of each model (at most `k_budget` steps) stops
+    once its D_post loss reaches `target`, by default the mixed model's after stage 1."""
+    if target is None:
+        target = float(compare(dataclasses.replace(cfg, K=0))["mixed"].end("pretrain")[1])
+    stop = target * (1 + 1e-5)  # float32 rounding: the mixed model starts at the target
+    runs = simulate(cfg, _pairs({"K": k_budget}, cfg), stop=[stop, stop])
+    return dict(zip(MODELS, runs, strict=True))
+
+
+def lower_bound(run: Run) -> dict[str, float | bool]:
+    """The paper's bound k[c_mis² - 4βε - 2c_mis·ε] on Δ_unmixed, ε measured on `run`."""
+    cfg = run.cfg
+    b = blocks(cfg)
+    _, post, ft = cfg.sigma_inconsistent
+    eps = 0.0
+    for stage, inc in (("posttrain", post), ("finetune", ft)):
+        ideal_N = np.zeros(cfg.n)
+        ideal_N[b["invariant"]] = cfg.sigma_invariant
+        ideal_N[b["inconsistent"]] = inc
+        eps = max(eps, float(np.max(np.abs(run.singular[stage] - ideal_N))))
+    c = cfg.c_mis
+    bound = cfg.n_inconsistent * (c**2 - 4 * cfg.beta * eps - 2 * c * eps)
+    return dict(c_mis=c, eps=eps, bound=bound, applies=bound > 0, holds=run.delta >= bound)
+
+
+def claims(runs: dict[str, Run]) -> dict[str, Any]:
+    """The numbers behind the three claims of section 5, for a mixed/unmixed pair."""
+    cfg = runs["unmixed"].cfg
+    out: dict[str, Any] = {
+        "T": cfg.T,
+        "K": cfg.K,
+        "lam": cfg.lam,
         "beta": cfg.beta,
-        "pre_rise_mixed": m.pre_rise,
-        "pre_rise_unmixed": u.pre_rise,
-        "L_im_mixed": m.L_im,
-        "L_im_unmixed": u.L_im,
-        "delta_mixed": m.delta,
-        "delta_unmixed": u.delta,
+        "alpha_beta": runs["mixed"].cfg.alpha * cfg.beta,
+        "spec_init": math.exp(-2 * cfg.T),
+    }
+    for name, run in runs.items():
+        means = run.block_means()
+        out |= {
+            f"spec_after_pretrain_{name}": means["pretrain"]["specialized"],
+            f"spec_after_posttrain_{name}": means["posttrain"]["specialized"],
+            f"inc_after_pretrain_{name}": means["pretrain"]["inconsistent"],
+            f"inc_after_posttrain_{name}": means["posttrain"]["inconsistent"],
+            f"post_steps_{name}": run.post_steps,
+            f"pre_rise_{name}": run.pre_rise,
+            f"L_im_{name}": run.L_im,
+            f"L_ret_{name}": run.L_ret,
+            f"L_ft_{name}": run.L_ft,
+            f"L_pre_{name}": run.L_pre,
+            f"delta_{name}": run.delta,
+        }
+        out |= {f"delta_{b}_{name}": v for b, v in run.delta_by_block().items()}
+    out |= {f"bound_{k}": v for k, v in lower_bound(runs["unmixed"]).items()}
+    return out
+
+
+def report(cfg: Config = Config()) -> dict[str, Any]:
+    """Headline pair, the T, K and λ sweeps and the matched-stop illustration, as JSON data.
+
+    Everything under the protocol runs in one compiled batch."""
+    points = [{}]
+    points += [{"T": t} for t in SWEEPS["T"]] + [{"K": k} for k in SWEEPS["K"]]
+    points += [{"lam": lam} for lam in LAM_SWEEP]
+    runs = simulate(cfg, [q for p in points for q in _pairs(p, cfg)])
+    pairs = [
+        claims(dict(zip(MODELS, runs[i : i + 2], strict=True))) for i in range(0, len(runs), 2)
+    ]
+    n_t, n_k = len(SWEEPS["T"]), len(SWEEPS["K"])
+    return {
+        "config": dataclasses.asdict(cfg),
+        "protocol": pairs[0],
+        "sweep_T": pairs[1 : 1 + n_t],
+        "sweep_K": pairs[1 + n_t : 1 + n_t + n_k],
+        "sweep_lam": pairs[1 + n_t + n_k :],
+        "matched_stop_illustration": claims(matched_stop(cfg, float(runs[0].end("pretrain")[1]))),
     }
 
 
-def summary(c: dict[str, float]) -> str:
-    return "\n".join(
-        [
-            "(1) only mixed pretraining learns the specialized features:",
-            f"    after stage 1: mixed {c['spec_after_pretrain_mixed']:.4f} (beta "
-            f"{c['beta']}), unmixed max |s| {c['spec_after_pretrain_unmixed']:.2e} "
-            f"(init {c['spec_init']:.2e})",
-            "(2) post-training to the same L_im distorts the unmixed model's inconsistent",
-            f"    features: L_im mixed {c['L_im_mixed']:.4f}, unmixed {c['L_im_unmixed']:.4f};"
-            f" D_pre loss rise mixed {c['pre_rise_mixed']:.4f}, "
-            f"unmixed {c['pre_rise_unmixed']:.4f}",
-            "(3) fine-tuning leaves the specialized features alone:",
-            f"    delta = L_ret - L_im: mixed {c['delta_mixed']:.4f}, "
-            f"unmixed {c['delta_unmixed']:.4f}",
-        ]
-    )
+def summary(rep: dict[str, Any]) -> str:
+    c, m = rep["protocol"], rep["matched_stop_illustration"]
+    lines = [
+        f"protocol: T={c['T']}, both models K={c['K']} proximal steps (lam={c['lam']})",
+        "(1) specialized singular value after stage 1: "
+        f"mixed {c['spec_after_pretrain_mixed']:.4f} (beta {c['beta']}, alpha*beta "
+        f"{c['alpha_beta']:.4f}), unmixed {c['spec_after_pretrain_unmixed']:.2e} "
+        f"(init {c['spec_init']:.2e})",
+        "(2) inconsistent mean after stage 1 -> 2: "
+        f"mixed {c['inc_after_pretrain_mixed']:.3f} -> {c['inc_after_posttrain_mixed']:.3f}, "
+        f"unmixed {c['inc_after_pretrain_unmixed']:.3f} -> "
+        f"{c['inc_after_posttrain_unmixed']:.3f}; D_pre loss rise mixed "
+        f"{c['pre_rise_mixed']:.4f}, unmixed {c['pre_rise_unmixed']:.4f}",
+        f"(3) delta = L_ret - L_im: mixed {c['delta_mixed']:.4f}, unmixed "
+        f"{c['delta_unmixed']:.4f} (specialized part {c['delta_specialized_mixed']:.1e}, "
+        f"{c['delta_specialized_unmixed']:.1e}); L_ret mixed {c['L_ret_mixed']:.4f}, "
+        f"unmixed {c['L_ret_unmixed']:.4f}",
+        f"    bound on delta_unmixed: {c['bound_bound']:.4f} (eps {c['bound_eps']:.3f}, "
+        f"applies {c['bound_applies']}, holds {c['bound_holds']})",
+        "illustration only, stage 2 stopped at the mixed model's stage-1 D_post loss: steps "
+        f"mixed {m['post_steps_mixed']}, unmixed {m['post_steps_unmixed']}; delta mixed "
+        f"{m['delta_mixed']:.4f}, unmixed {m['delta_unmixed']:.4f}",
+    ]
+    return "\n".join(lines)
 
 
-def draw(cfg: Config, runs: dict[str, Run]) -> Figure:
-    """Left: learned singular values per block; right: D_pre and D_post losses; per stage."""
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    ax_sv, ax_loss = fig.subplots(1, 2, width_ratios=(1.3, 1))
-    stages = ("pretrain", "posttrain", "finetune")
-    x = np.arange(len(stages))
-    width = 0.8 / (len(BLOCKS) * len(runs))
-    colors = dict(invariant="tab:gray", inconsistent="tab:orange", specialized="tab:green")
-    for i, (name, run) in enumerate(runs.items()):
-        means = block_means(cfg, run)
-        for j, b in enumerate(BLOCKS):
-            ax_sv.bar(
-                x + (i * len(BLOCKS) + j + 0.5) * width - 0.4,
-                [means[s][b] for s in stages],
-                width,
-                color=colors[b],
-                alpha=1.0 if name == "mixed" else 0.45,
-                hatch="" if name == "mixed" else "//",
-                label=f"{name}: {b}",
+def draw(rep: dict[str, Any]) -> Figure:
+    """Rows: the T sweep and the K sweep. Columns: specialized singular values, Δ with the
+    paper's bound, and L_ret with the stage-2 rise of the D_pre loss."""
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    axes = fig.subplots(2, 3)
+    styles = {"mixed": ("tab:green", "o-"), "unmixed": ("tab:purple", "s--")}
+    for row, key in zip(axes, ("T", "K"), strict=True):
+        points = rep[f"sweep_{key}"]
+        x = [p[key] for p in points]
+        ax_sv, ax_d, ax_l = row
+        for name, (color, style) in styles.items():
+            for stage, fill in (("pretrain", color), ("posttrain", "none")):
+                ax_sv.plot(
+                    x,
+                    [p[f"spec_after_{stage}_{name}"] for p in points],
+                    style,
+                    color=color,
+                    mfc=fill,
+                    label=f"{name}, after stage {1 if stage == 'pretrain' else 2}",
+                )
+            ax_d.plot(x, [p[f"delta_{name}"] for p in points], style, color=color, label=name)
+            ax_l.plot(x, [p[f"L_ret_{name}"] for p in points], style, color=color, label=name)
+            rise = [p[f"pre_rise_{name}"] for p in points]
+            ax_l.plot(
+                x, rise, style, color=color, mfc="none", alpha=0.6, label=f"{name}, D_pre rise"
             )
-        style = "o-" if name == "mixed" else "s--"
-        for k, (task, color) in enumerate((("D_pre", "tab:blue"), ("D_post", "tab:red"))):
-            values = [run.end[s][k] for s in stages]
-            ax_loss.plot(x, values, style, color=color, label=f"{name}: {task} loss")
-    ax_sv.set_xticks(x, [f"after {s}" for s in stages])
-    ax_sv.set_ylim(0, 1.35 * cfg.sigma_invariant)  # room for the legend
-    ax_sv.set_ylabel("learned singular value (block mean)")
-    ax_sv.set_title(f"features (solid: mixed, α = {cfg.alpha}; hatched: unmixed)")
-    ax_sv.legend(fontsize=7, ncols=2)
-    ax_loss.set_xticks(x, [f"after {s}" for s in stages])
-    ax_loss.set_ylabel("population loss")
-    ax_loss.set_title(
-        f"Δ = L_ret - L_im: mixed {runs['mixed'].delta:.3f}, unmixed {runs['unmixed'].delta:.3f}"
-    )
-    ax_loss.legend(fontsize=7)
+        ax_sv.axhline(points[0]["beta"], color="gray", lw=0.8, label="β")
+        ax_sv.axhline(points[0]["alpha_beta"], color="gray", lw=0.8, ls=":", label="αβ")
+        ax_d.plot(x, [p["bound_bound"] for p in points], "k:", label="paper's bound (unmixed)")
+        ax_d.axhline(0, color="gray", lw=0.5)
+        for ax, title in zip(
+            row,
+            ("specialized singular value", "Δ = L_ret − L_im", "L_ret; D_pre loss rise in stage 2"),
+            strict=True,
+        ):
+            ax.set_xlabel("T (init exp(−T)·I)" if key == "T" else "K (stage-2 steps, both)")
+            ax.set_title(f"{title} vs {key}")
+            ax.legend(fontsize=7)
+            if key == "K":
+                ax.set_xscale("log")
     return fig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--out", default="", help="where to write the figure (.png/.pdf)")
-    parser.add_argument("--alpha", type=float, default=Config.alpha)
-    parser.add_argument("--beta", type=float, default=Config.beta)
+    for key in ("alpha", "beta", "T", "lam"):
+        parser.add_argument(f"--{key}", type=float, default=getattr(Config, key))
+    parser.add_argument("--K", type=int, default=Config.K)
     args = parser.parse_args(argv)
-    cfg = Config(alpha=args.alpha, beta=args.beta)
-    runs = compare(cfg)
-    print(summary(claims(cfg, runs)))
+    cfg = Config(alpha=args.alpha, beta=args.beta, T=args.T, lam=args.lam, K=args.K)
+    rep = report(cfg)
+    print(json.dumps(rep, indent=1) if args.json else summary(rep))
     if args.out:
-        draw(cfg, runs).savefig(args.out, dpi=120)
-        print(f"wrote {args.out}")
+        draw(rep).savefig(args.out, dpi=120)
+        if not args.json:
+            print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
