@@ -60,7 +60,9 @@ def _frontier_panel(ax, rows: list[dict], view: tuple[str, str], methods: list[s
         color = _color(name, methods)
         capped = report.points([r for r in mine if report.cap_hit(r)], view)
         if len(capped):
-            ax.scatter(capped[:, 0], capped[:, 1], s=16, facecolors="none", edgecolors=color)
+            ax.scatter(
+                *capped.T, s=16, facecolors="none", edgecolors=color, label=f"{name}, hit cap"
+            )
         mine = report.converged(mine)
         if not mine:
             continue
