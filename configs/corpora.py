@@ -42,13 +42,16 @@ def set_pipeline(c, pipeline: str, smoke: bool) -> None:
     c.data.pre, c.data.post, c.data.ft = table["c4"], table[post], table[ft]
 
 
-def parse_arg(arg: str, first: tuple[str, ...]) -> tuple[str, bool]:
-    """'NAME' or 'NAME,smoke' -> (NAME, smoke); NAME must be one of `first`."""
+def parse_arg(
+    arg: str, first: tuple[str, ...], arms: tuple[str, ...] = ()
+) -> tuple[str, str, bool]:
+    """'NAME[,ARM][,smoke]' -> (NAME, ARM or arms[0], smoke); NAME in `first`, ARM in `arms`."""
     parts = [p for p in arg.split(",") if p]
     smoke = "smoke" in parts
-    names = [p for p in parts if p != "smoke"]
-    if len(names) != 1 or names[0] not in first:
-        raise ValueError(
-            f"config argument {arg!r}: expected one of {list(first)}, optionally ',smoke'"
-        )
-    return names[0], smoke
+    names = [p for p in parts if p != "smoke" and p not in arms]
+    chosen = [p for p in parts if p in arms]
+    if len(names) != 1 or names[0] not in first or len(chosen) > 1:
+        allowed = f"NAME one of {list(first)}" + (f"; ARM one of {list(arms)}" if arms else "")
+        form = "NAME[,ARM][,smoke]" if arms else "NAME[,smoke]"
+        raise ValueError(f"config argument {arg!r}: expected {form}; {allowed}")
+    return names[0], (chosen[0] if chosen else (arms[0] if arms else "")), smoke

@@ -1,24 +1,54 @@
-r"""SmolLM2-135M, the paper's Fig. 2 / Fig. 4 sweep for one pipeline (D_pre = C4).
+r"""SmolLM2-135M, the paper's frontier experiments for one pipeline (D_pre = C4).
 
   python main.py --config=configs/paper_135m.py:musicpile-chempile --workdir=gs://BUCKET/135m-mc
+  python main.py --config=configs/paper_135m.py:musicpile-chempile,dropout --workdir=gs://BUCKET/135m-mc
+  python main.py --config=configs/paper_135m.py:musicpile-chempile,replay --workdir=gs://BUCKET/135m-mc
   python main.py --config=configs/paper_135m.py:musicpile-chempile,smoke --workdir=/tmp/s  # CPU
 
-Pipelines: musicpile-chempile | musicpile-flan | flan-chempile | flan-musicpile.
-Stage 1: ~8.7B C4 tokens (+ λ·0.3B MusicPile/FLAN, added); λ ∈ {0, 1}. Stage 2: LR
-{1e-4 … 5e-3} × batch {192, 480, 896} × dropout {0, .02, .05}, warmup 500, WD 0.1, to
-convergence with early stopping, at most 2B tokens. Stage 3: 200M tokens over an LR
-sweep. Stage-1 LR and batch are not given by the paper (the 1B values are used).
-Produces results.jsonl, the frontier and methods figures.
+Argument: PIPELINE[,ARM][,smoke]. Pipelines: musicpile-chempile | musicpile-flan |
+flan-chempile | flan-musicpile. Arms (each λ ∈ {0, 1}, so each holds its own unmixed
+and mixed runs; run them in one work directory and they share the two pretraining runs):
+
+  mixing    Fig. 2: stage 2 without dropout or replay            2 + 30 + 180 = 212 nodes
+  dropout   Fig. 4 left, Fig. 5 left, Fig. 6 left: dropout
+            {0.02, 0.05} with and without mixing                 2 + 60 + 360 = 422 nodes
+  replay    Fig. 4 right, Fig. 5 right, Fig. 6 right: 1% replay
+            of C4 with and without mixing                        2 + 30 + 180 = 212 nodes
+
+Stage 1: 8.7B C4 tokens (+ λ·0.3B of D_post, added, spread uniformly); LR, batch and
+warmup are not given for 135M, so the 1B values are used. Stage 2: LR {1e-4 … 5e-3} ×
+batch {192, 480, 896}, min LR 5e-5, warmup 500, WD 0.1, to convergence with early
+stopping (every 100 steps, patience 3: the 1B values; none given for 135M), at most 2B tokens.
+Stage 3: 200M tokens over STAGE3_LRS (docs/science.md says why this grid). Dry run of the
+mixing arm: stage 1 is 8,699,999,232 C4 tokens (+ 299,999,232 D_post at λ = 1), 7.9e18 /
+8.2e18 FLOP; stage 2 at most 2B tokens, 1.8e18 FLOP per run; stage 3 199,999,488 tokens
+(1,018 steps), 1.8e17 FLOP per leaf; 1.04e20 FLOP planned in all (dropout arm 1.91e20).
+Produces results.jsonl and the frontier and method figures (Figs. 2, 4, 5, 6).
 """
 
 from configs import base, corpora
 from retention_jax import presets
 
 M = 1_000_000
+ARMS = ("mixing", "dropout", "replay")
+# Stage-3 LRs from almost no change (Adam moves a weight by about lr per step: 1e-6 over
+# ~1,000 steps is 5% of the init scale) to strong forgetting (above most stage-2 peaks).
+STAGE3_LRS = (1e-6, 3e-6, 1e-5, 5e-5, 2e-4, 1e-3)
+REPLAY = 0.01  # share of stage-2 sequences drawn from D_pre
+DROPOUTS = (0.02, 0.05)
+
+
+def arm_sweep(arm: str) -> tuple:
+    """The posttrain sweep pairs an arm adds to the stage-2 grid."""
+    return {
+        "mixing": (),
+        "dropout": (("posttrain.dropout", DROPOUTS),),
+        "replay": (("posttrain.replay", (REPLAY,)),),
+    }[arm]
 
 
 def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
-    pipeline, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
+    pipeline, arm, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES), ARMS)
     c = base.get_config()
     corpora.set_pipeline(c, pipeline, smoke)
     c.model = presets.smollm2_135m()
@@ -37,14 +67,15 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.ckpt.every = 1_000
     c.log.every = 50
     c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 1.0)))
-    c.sweep.posttrain = (
+    grid = (
         ("posttrain.lr", (1e-4, 2e-4, 5e-4, 1e-3, 5e-3)),
         ("posttrain.batch", (192, 480, 896)),
-        ("posttrain.dropout", (0.0, 0.02, 0.05)),
     )
-    c.sweep.finetune = (("finetune.lr", (1e-5, 5e-5, 2e-4, 1e-3)),)
+    c.sweep.finetune = (("finetune.lr", STAGE3_LRS),)
     if smoke:
         shrink(c)
+        grid = (("posttrain.lr", (1e-3,)), ("posttrain.batch", (8,)))
+    c.sweep.posttrain = grid + arm_sweep(arm)
     return c
 
 
@@ -61,9 +92,4 @@ def shrink(c) -> None:
     c.eval.batch = 8
     c.ckpt.every = 8
     c.log.every = 4
-    c.sweep.posttrain = (
-        ("posttrain.lr", (1e-3,)),
-        ("posttrain.batch", (8,)),
-        ("posttrain.dropout", (0.0, 0.05)),
-    )
     c.sweep.finetune = (("finetune.lr", (1e-4, 1e-2)),)

@@ -91,8 +91,10 @@ def test_load_workdir_and_file(tmp_path):
 def test_report_table_and_compare():
     rows = synthetic.rows()
     text = report.table(rows)
-    assert len(text.splitlines()) == len(rows) + 1
+    assert len(text.splitlines()) == len(rows) + 2  # header, rows, convergence note
     assert text.splitlines()[0].split()[:3] == ["pipeline", "method", "lam"]
+    # Per pipeline: 100K 3 λ × 2 LRs; 200K 3 λ × 2 LRs × 3 variants + 6 compute-matched.
+    assert text.splitlines()[-1].startswith("0 of 60 post-training runs hit their token cap")
     # Two mixed points and one unmixed point per pipeline, by hand.
     hand = []
     for lam, l_ft, l_ret, l_pre in ((1, 1.0, 1.0, 2.0), (1, 2.0, 0.5, 3.0), (0, 1.0, 2.0, 1.0)):
@@ -101,7 +103,56 @@ def test_report_table_and_compare():
     assert c["(L_ft, L_ret)"]["b_dominated_by_a"] == 1.0
     assert c["(L_ft, L_ret)"]["area"] == 0.0  # common range is the single x = 1
     assert c["(L_ret, L_pre)"]["a_dominated_by_b"] == 0.0
+    assert c["(L_ret, L_pre)"]["cap_hit_left_out"] == 0
     assert "mixed vs unmixed" in report.format_compare(report.compare(rows))
+
+
+def test_cap_hit_rows_are_marked_and_left_out():
+    rows = synthetic.rows(pipelines=("music->chem",), capped_post_lrs=(2e-3,))
+    capped = [r for r in rows if report.cap_hit(r)]
+    # Half the non compute-matched stage-2 runs ran at 2e-3; 3 leaves (ft_lr) per run.
+    plain = [r for r in rows if not r["compute_matched"]]
+    assert len(capped) == len(plain) // 2 and all(r["post_lr"] == 2e-3 for r in capped)
+    assert report.stage2_end(capped[0]) == "cap"
+    assert report.stage2_end(next(r for r in rows if r["compute_matched"])) == "matched"
+    text = report.table(rows)
+    assert sum(" cap " in line for line in text.splitlines()[1:-1]) == len(capped)
+    n_runs = len({r["ids"]["posttrain"] for r in rows})
+    assert text.splitlines()[-1].startswith(
+        f"{len(capped) // 3} of {n_runs} post-training runs hit their token cap"
+    )
+    c = report.compare(rows)["music->chem, |D_post| 200K"]["(L_ft, L_ret)"]
+    mixed_or_not = [r for r in capped if r["method"] in ("mixed", "unmixed")]
+    mine = [r for r in capped if results.group(r) == "music->chem, |D_post| 200K"]
+    # λ 0, 0.5, 1 at post_lr 2e-3, three stage-3 LRs each.
+    assert c["cap_hit_left_out"] == len([r for r in mine if r in mixed_or_not]) == 9
+    kept = [r for r in report.converged(rows) if results.group(r) == results.group(mine[0])]
+    expect = frontier.compare(
+        report.points([r for r in kept if r["method"] == "mixed"], ("L_ft", "L_ret")),
+        report.points([r for r in kept if r["method"] == "unmixed"], ("L_ft", "L_ret")),
+    )
+    assert c["area"] == pytest.approx(expect["area"])
+    every = report.compare(rows, include_cap_hit=True)["music->chem, |D_post| 200K"]
+    assert every["(L_ft, L_ret)"]["cap_hit_left_out"] == 0
+    assert "9 cap-hit leaves left out" in report.format_compare(report.compare(rows))
+
+
+def test_old_rows_without_convergence_fields_still_load(tmp_path):
+    rows = synthetic.rows(pipelines=("music->chem",), lams=(0.0, 1.0), pools=(1000,))
+    for r in rows:
+        for key in ("post_stopped_early", "post_planned_steps", "post_steps"):
+            del r[key]
+    synthetic.write(str(tmp_path), rows)
+    loaded = results.load(str(tmp_path))
+    assert not any(report.cap_hit(r) for r in loaded)
+    assert {report.stage2_end(r) for r in loaded} == {"?", "matched"}
+    runs = {r["ids"]["posttrain"] for r in loaded}
+    unknown = {r["ids"]["posttrain"] for r in loaded if not r["compute_matched"]}
+    assert (len(runs), len(unknown)) == (16, 12)  # 2 λ × 2 LRs × (3 variants + matched)
+    note = report.table(loaded).splitlines()[-1]
+    assert note.startswith("0 of 16 post-training runs")
+    assert note.endswith("12 run(s) did not record how they ended ('?')")
+    assert figures.draw_all(str(tmp_path))  # frontiers and methods figures draw
 
 
 def test_compare_with_seeds_gives_mean_and_ci():
@@ -112,30 +163,49 @@ def test_compare_with_seeds_gives_mean_and_ci():
     assert view["b_dominated_by_a"] > 0.9
 
 
-def test_lambda_curves_pick_lowest_l_im_at_reference_lr():
+def test_lambda_curves_use_one_named_stage2_setting():
     rows = synthetic.rows(pipelines=("music->chem",))
-    curves = report.lambda_curves(rows)
-    assert set(curves) == {(False, 100_000), (False, 200_000), (True, 200_000)}
-    assert [p[0] for p in curves[False, 200_000]] == [0.0, 0.5, 1.0]
-    for lam, l_im, l_ret in curves[True, 200_000]:
-        cands = [
-            r
-            for r in rows
-            if r["compute_matched"]
-            and r["lam"] == lam
-            and r["ft_lr"] == 5e-5
-            and not r["dropout"]
-            and not r["replay"]
-        ]
-        best = min(cands, key=lambda r: r["L_im"])
-        assert (l_im, l_ret) == (pytest.approx(best["L_im"]), pytest.approx(best["L_ret"]))
+    with pytest.raises(ValueError, match=r"2 stage-2 settings .*\(0.001, 16\), \(0.002, 16\)"):
+        report.lambda_curves(rows)
+    with pytest.raises(ValueError, match=r"post=\(0.005, 16\); allowed: one of"):
+        report.lambda_curves(rows, post=(5e-3, 16))
+    for post_lr in (1e-3, 2e-3):
+        curves = report.lambda_curves(rows, post=(post_lr, 16))
+        assert set(curves) == {(False, 100_000), (False, 200_000), (True, 200_000)}
+        assert [p.lam for p in curves[False, 200_000]] == [0.0, 0.5, 1.0]
+        for key, curve in curves.items():
+            for p in curve:
+                (row,) = [
+                    r
+                    for r in rows
+                    if (r["compute_matched"], r["pool_tokens"]) == key
+                    and r["lam"] == p.lam
+                    and r["post_lr"] == post_lr
+                    and r["ft_lr"] == 5e-5
+                    and not r["dropout"]
+                    and not r["replay"]
+                ]
+                assert (p.L_im, p.L_ret, p.cap_hit) == (row["L_im"], row["L_ret"], False)
+    one = [r for r in rows if r["post_lr"] == 1e-3]
+    assert report.lambda_curves(one) == report.lambda_curves(rows, post=(1e-3, 16))
     paper_curves = report.lambda_curves(paper.rows())
     assert paper_curves[False, 300_000_000] == [
-        (0.0, 1.405, 1.807),
-        (0.5, 1.402, 1.719),
-        (1.0, 1.402, 1.682),
+        (0.0, 1.405, 1.807, False),
+        (0.5, 1.402, 1.719, False),
+        (1.0, 1.402, 1.682, False),
     ]
-    assert min(paper_curves[True, 300_000_000], key=lambda p: p[2])[0] == 0.5
+    assert min(paper_curves[True, 300_000_000], key=lambda p: p.L_ret).lam == 0.5
+    assert paper.COMPUTE_MATCHED_BEST_LAM[300_000_000] == 0.5
+
+
+def test_paper_rows_hold_every_fig3_cell():
+    rows = paper.rows()
+    assert len(rows) == 3 * 3 + 5
+    added = {(r["pool_tokens"], r["lam"]): (r["L_im"], r["L_ret"]) for r in rows}
+    assert added[30_000_000, 0.0] == (1.788, 2.175)
+    assert added[150_000_000, 0.5] == (1.507, 1.819)
+    matched = [r for r in rows if r["compute_matched"]]
+    assert [(r["lam"], r["L_im"], r["L_ret"]) for r in matched][-1] == (1.0, 1.769, 1.912)
 
 
 def _scatter_sizes(ax) -> list[int]:
@@ -161,36 +231,83 @@ def test_frontier_figure_counts():
     np.testing.assert_allclose(ax.get_lines()[1].get_xdata(), front[:, 0])
 
 
-def test_methods_and_lambda_figure_counts():
+def test_method_figures_panels_and_counts():
     rows = synthetic.rows(pipelines=("music->chem",), seeds=(0, 1))
-    fig = figures.draw_methods(rows)
-    small, ax = fig.get_axes()  # one panel per pool; the methods ran at the larger one
-    assert len(small.get_lines()) == 2  # unmixed, mixed
-    assert len(ax.get_lines()) == 6  # unmixed, mixed, mixed+{dropout,replay}, unmixed+{...}
-    assert len(_scatter_sizes(ax)) == 6
-    fig = figures.draw_lambda(rows, reference="paper")
+    for name in ("fig4", "fig5", "fig6"):
+        fig = figures.draw_methods(rows, name)
+        axes = fig.get_axes()
+        assert len(axes) == 2 * 2  # two pools x (dropout, replay)
+        small, big = axes[:2], axes[2:]  # the arms ran at the larger pool only
+        for ax in small:
+            assert len(ax.get_lines()) == 2  # unmixed, mixed
+        panels = figures.METHOD_FIGURES[name][1]
+        for ax, methods in zip(big, panels.values(), strict=True):
+            assert len(ax.get_lines()) == 3  # a mean staircase per method
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == list(methods)
+        y = figures.METHOD_FIGURES[name][0][1]
+        assert big[0].get_ylabel().startswith(f"{y}: ")
+        assert big[0].get_title().endswith(": dropout\nlower-left is better")
+    only_replay = [r for r in rows if not r["dropout"]]
+    assert list(figures.method_panels(only_replay, "fig4")) == ["replay"]
+    with pytest.raises(ValueError, match="neither a dropout nor a replay arm"):
+        figures.draw_methods([r for r in only_replay if not r["replay"]], "fig6")
+    with pytest.raises(ValueError, match="figure 'fig7' unknown"):
+        figures.method_panels(rows, "fig7")
+
+
+def test_frontier_panel_draws_cap_hit_points_hollow_and_off_the_frontier():
+    rows = synthetic.rows(pipelines=("music->chem",), pools=(100,), capped_post_lrs=(2e-3,))
+    fig = figures.draw_frontiers(rows)
+    ax = fig.get_axes()[0]
+    plain = [r for r in rows if not r["compute_matched"] and r["method"] in ("unmixed", "mixed")]
+    sizes = {m: sum(r["method"] == m for r in plain) // 2 for m in ("unmixed", "mixed")}
+    # Per method: hollow cap-hit points, then the converged ones.
+    assert _scatter_sizes(ax) == [sizes["unmixed"]] * 2 + [sizes["mixed"]] * 2
+    hollow = ax.collections[0]
+    assert len(hollow.get_facecolors()) == 0
+    kept = [r for r in plain if r["method"] == "mixed" and r["post_lr"] == 1e-3]
+    front = frontier.pareto_front(report.points(kept, ("L_ft", "L_ret")))
+    np.testing.assert_allclose(ax.get_lines()[1].get_xdata(), front[:, 0])
+
+
+def test_lambda_figure_counts_rings_and_paper_overlay():
+    rows = synthetic.rows(pipelines=("music->chem",), seeds=(0, 1), capped_post_lrs=(1e-3,))
+    with pytest.raises(ValueError, match="stage-2 settings"):
+        figures.draw_lambda(rows)
+    fig = figures.draw_lambda(rows, reference="paper", post=(1e-3, 16))
     axes = fig.get_axes()
     assert len(axes) == 4  # added and compute-matched, L_im and L_ret
     added, matched = axes[:2], axes[2:]
     for ax in added:
         assert len(ax.get_lines()) == 2 + 3  # two pools, three paper pools
-        assert _scatter_sizes(ax) == [1, 1]  # a star per pool
+        assert _scatter_sizes(ax) == [1, 3, 1, 3]  # per pool a star and three cap rings
     for ax in matched:
-        assert len(ax.get_lines()) == 1 + 1
-    star = added[1].collections[1].get_offsets()[0]
-    best = min(report.lambda_curves(rows)[False, 200_000], key=lambda p: p[2])
-    np.testing.assert_allclose(star, best[::2])
+        assert _scatter_sizes(ax) == [1]  # compute-matched runs never hit a cap
+    assert len(matched[0].get_lines()) == 1 + 1  # one pool, the paper's 300M
+    assert len(matched[1].get_lines()) == 1 + 1  # 200K has no paper best-λ line
+    assert added[0].get_title().endswith("stage 2: LR 0.001, batch 16")
+    star = added[1].collections[2].get_offsets()[0]
+    curve = report.lambda_curves(rows, post=(1e-3, 16))[False, 200_000]
+    best = min(curve, key=lambda p: p.L_ret)
+    np.testing.assert_allclose(star, (best.lam, best.L_ret))
+    paper_pools = [r for r in paper.rows() if r["pool_tokens"] == 30_000_000]
+    mine = [dict(r, compute_matched=True, post_lr=1e-3, post_batch=16) for r in paper_pools]
+    fig = figures.draw_lambda(mine, reference="paper")
+    vlines = [ln for ln in fig.get_axes()[1].get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in vlines] == [0.25]
 
 
 def test_draw_all_writes_what_rows_support(tmp_path):
     wd = str(tmp_path)
     synthetic.write(wd, synthetic.rows(pipelines=("music->chem",)))
     names = sorted(p.rsplit("/", 1)[1] for p in figures.draw_all(wd))
-    assert names == sorted(
-        f"{n}.{e}" for n in ("frontiers", "methods", "lambda_music-chem") for e in ("png", "pdf")
-    )
+    stems = ("frontiers", "fig4", "fig5", "fig6", "lambda_music-chem_lr0.001_b16")
+    stems += ("lambda_music-chem_lr0.002_b16",)
+    assert names == sorted(f"{n}.{e}" for n in stems for e in ("png", "pdf"))
     plain = synthetic.rows(pipelines=("x->y",), lams=(0.0, 1.0), pools=(1,), variants=((0, 0),))
-    plain = [r for r in plain if not r["compute_matched"]]
+    plain = [r for r in plain if not r["compute_matched"] and r["post_lr"] == 1e-3]
     paths = figures.draw_all(str(tmp_path / "b"), rows=[r for r in plain if r["lam"] == 1.0])
     assert [p.rsplit("/", 1)[1] for p in paths] == ["frontiers.png", "frontiers.pdf"]
     assert (tmp_path / "b" / "figures" / "frontiers.pdf").stat().st_size > 0
+    paths = figures.draw_all(str(tmp_path / "c"), rows=plain)
+    assert [p.rsplit("/", 1)[1] for p in paths][2:] == ["lambda_x-y.png", "lambda_x-y.pdf"]

@@ -1,7 +1,10 @@
-"""The paper's figures from results rows: frontiers (Fig. 2), λ sweeps (Fig. 3), methods (Fig. 4).
+"""The paper's figures from results rows: frontiers (Fig. 2), λ sweeps (Fig. 3), methods
+(Figs. 4-6).
 
 Each `draw_*` returns a matplotlib Figure (not registered with pyplot, so nothing leaks or
 shows twice in a notebook); `draw_all` writes the ones the rows support as PNG and PDF.
+Leaves whose post-training hit its token cap (`report.cap_hit`) are drawn hollow and
+take no part in any frontier.
 """
 
 import io
@@ -48,12 +51,21 @@ def _color(name: str, order: list[str]) -> str:
 
 
 def _frontier_panel(ax, rows: list[dict], view: tuple[str, str], methods: list[str]) -> None:
-    """Every leaf as a point; each method's frontier as its staircase (seed mean ± 95% CI)."""
+    """Every leaf as a point; each method's frontier as its staircase (seed mean ± 95% CI)
+    over the leaves that did not hit the stage-2 cap (those are drawn hollow)."""
     for name in methods:
         mine = [r for r in rows if method(r) == name]
         if not mine:
             continue
         color = _color(name, methods)
+        capped = report.points([r for r in mine if report.cap_hit(r)], view)
+        if len(capped):
+            ax.scatter(
+                *capped.T, s=16, facecolors="none", edgecolors=color, label=f"{name}, hit cap"
+            )
+        mine = report.converged(mine)
+        if not mine:
+            continue
         xy = report.points(mine, view)
         ax.scatter(xy[:, 0], xy[:, 1], s=16, alpha=0.5, color=color, label=name)
         seeds = sorted({r.get("seed", 0) for r in mine})
@@ -101,47 +113,105 @@ def draw_frontiers(rows: list[dict], methods: list[str] | None = None) -> Figure
     return fig
 
 
-def draw_methods(rows: list[dict]) -> Figure:
-    """Fig. 4: per pipeline, x = L_ret and y = L_ft for every (non compute-matched) method."""
-    rows = _not_compute_matched(rows)
-    methods = _methods(rows)
-    pipes = _by(rows, results.group)
-    fig = Figure(figsize=(5.5 * len(pipes), 4.5), layout="constrained")
-    axes = fig.subplots(1, len(pipes), squeeze=False)[0]
-    for ax, (pipe, mine) in zip(axes, pipes.items(), strict=True):
-        _frontier_panel(ax, mine, ("L_ret", "L_ft"), methods)
-        ax.set_title(f"{pipe}: methods (lower-left is better)")
-        ax.legend(fontsize=8)
+# Figs. 4-6: the view and, per panel, the methods it compares (the panel's arm last).
+METHOD_FIGURES = {
+    "fig4": (
+        ("L_ret", "L_ft"),
+        {
+            "dropout": ("unmixed", "mixed", "mixed+dropout"),
+            "replay": ("unmixed", "mixed", "mixed+replay"),
+        },
+    ),
+    "fig5": (
+        ("L_ret", "L_pre"),
+        {
+            "dropout": ("unmixed", "mixed", "mixed+dropout"),
+            "replay": ("unmixed", "mixed", "mixed+replay"),
+        },
+    ),
+    "fig6": (
+        ("L_ret", "L_ft"),
+        {
+            "dropout": ("unmixed", "unmixed+dropout", "mixed"),
+            "replay": ("unmixed", "unmixed+replay", "mixed"),
+        },
+    ),
+}
+
+
+def method_panels(rows: list[dict], name: str) -> dict[str, tuple[str, ...]]:
+    """The panels of figure `name` ('fig4' | 'fig5' | 'fig6') whose arm the rows hold."""
+    if name not in METHOD_FIGURES:
+        raise ValueError(f"figure {name!r} unknown; allowed: {sorted(METHOD_FIGURES)}")
+    present = {method(r) for r in _not_compute_matched(rows)}
+    panels = METHOD_FIGURES[name][1]
+    # A panel needs its arm's method, the one beyond unmixed and mixed.
+    return {arm: ms for arm, ms in panels.items() if set(ms) - set(PLAIN) <= present}
+
+
+def draw_methods(rows: list[dict], name: str = "fig4") -> Figure:
+    """Figs. 4-6: per group (pipeline, pool) a row of panels, dropout then replay.
+
+    fig4: x = L_ret, y = L_ft, unmixed / mixed / mixed + the arm; fig5: the same methods
+    in the (L_ret, L_pre) view; fig6: λ = 0 with the arm against mixing alone.
+    """
+    panels = method_panels(rows, name)
+    if not panels:
+        raise ValueError(
+            f"draw_methods({name!r}): the rows hold neither a dropout nor a replay arm"
+        )
+    view = METHOD_FIGURES[name][0]
+    groups = _by(_not_compute_matched(rows), results.group)
+    fig = Figure(figsize=(5.5 * len(panels), 4.5 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), len(panels), squeeze=False)
+    for (pipe, mine), row_axes in zip(groups.items(), axes, strict=True):
+        for ax, (arm, methods) in zip(row_axes, panels.items(), strict=True):
+            _frontier_panel(ax, mine, view, list(methods))
+            ax.set_title(f"{pipe}: {arm}\nlower-left is better")
+            ax.legend(fontsize=8)
     return fig
 
 
 def draw_lambda(
-    rows: list[dict], reference: str | None = None, ft_lr: float | None = None
+    rows: list[dict],
+    reference: str | None = None,
+    ft_lr: float | None = None,
+    post: tuple | None = None,
 ) -> Figure:
     """Fig. 3: per setting (added, compute-matched), L_im and L_ret against λ.
 
-    One line per |D_post| pool, a star at each line's best λ; rows of one pipeline. The
-    points are chosen as `report.lambda_curves` documents. reference="paper" overlays the
-    paper's 135M numbers (dashed).
+    One line per |D_post| pool, a star at each line's best λ, a ring around points whose
+    post-training hit its cap; rows of one pipeline and one stage-2 setting (`post`, see
+    `report.lambda_curves`). reference="paper" overlays the paper's 135M numbers (dashed).
     """
-    curves = report.lambda_curves(rows, ft_lr)
+    curves = report.lambda_curves(rows, ft_lr, post)
     ref = report.lambda_curves(paper.rows()) if reference == "paper" else {}
     settings = sorted({cm for cm, _ in curves})
     fig = Figure(figsize=(11, 4.2 * len(settings)), layout="constrained")
     axes = fig.subplots(len(settings), 2, squeeze=False)
     lr = report.reference_ft_lr(rows) if ft_lr is None else ft_lr
+    post = report.stage2_settings(rows)[0] if post is None else post
     for cm, row_axes in zip(settings, axes, strict=True):
         setting = "compute-matched" if cm else "added"
-        for ax, (k, loss) in zip(row_axes, ((1, "L_im"), (2, "L_ret")), strict=True):
+        for ax, loss in zip(row_axes, ("L_im", "L_ret"), strict=True):
             for pool, curve in ((p, c) for (c_m, p), c in curves.items() if c_m == cm):
-                lam, y = [c[0] for c in curve], [c[k] for c in curve]
+                lam, y = [c.lam for c in curve], [getattr(c, loss) for c in curve]
                 (line,) = ax.plot(lam, y, "o-", label=f"|D_post| = {results.tokens_label(pool)}")
                 best = int(np.argmin(y))
                 ax.scatter([lam[best]], [y[best]], marker="*", s=220, color=line.get_color())
+                if ref and cm and loss == "L_ret" and (cm, pool) not in ref:
+                    # The paper states only the best λ for the pools it prints no curve for.
+                    best_lam = paper.COMPUTE_MATCHED_BEST_LAM.get(pool)
+                    if best_lam is not None:
+                        ax.axvline(best_lam, ls=":", color=line.get_color(), label="paper best λ")
+                capped = [(c.lam, getattr(c, loss)) for c in curve if c.cap_hit]
+                if capped:
+                    x, yc = zip(*capped, strict=True)
+                    ax.scatter(x, yc, s=140, facecolors="none", edgecolors="red", label="hit cap")
             for pool, curve in ((p, c) for (c_m, p), c in ref.items() if c_m == cm):
                 ax.plot(
-                    [c[0] for c in curve],
-                    [c[k] for c in curve],
+                    [c.lam for c in curve],
+                    [getattr(c, loss) for c in curve],
                     "x--",
                     color="k",
                     alpha=0.3 + 0.7 * pool / 300e6,
@@ -149,7 +219,10 @@ def draw_lambda(
                 )
             ax.set_xlabel("λ (share of D_post seen in pretraining)")
             ax.set_ylabel(label(loss, rows[0]))
-            ax.set_title(f"{pipeline(rows[0])}, {setting}, stage-3 LR {lr:g}")
+            ax.set_title(
+                f"{pipeline(rows[0])}, {setting}, stage-3 LR {lr:g}\n"
+                f"stage 2: LR {post[0]}, batch {post[1]}"
+            )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     return fig
@@ -184,8 +257,9 @@ def draw_all(
 ) -> list[str]:
     """Draws into <workdir>/figures whatever the rows support; returns the paths written.
 
-    frontiers: any non compute-matched row; methods: some method beyond unmixed/mixed;
-    lambda_<pipeline>: a setting with at least two λ values.
+    frontiers (Fig. 2): any non compute-matched row; fig4, fig5, fig6: a dropout or replay
+    arm; lambda_<pipeline>: a setting with at least two λ values, one figure per stage-2
+    setting (suffixed _lr<post_lr>_b<post_batch> when there are several).
     """
     rows = results.load(workdir) if rows is None else rows
     out = os.path.join(str(workdir), "figures")
@@ -193,10 +267,15 @@ def draw_all(
     plain = _not_compute_matched(rows)
     if plain:
         paths += save(draw_frontiers(plain), os.path.join(out, "frontiers"))
-    if set(_methods(plain)) - set(PLAIN):
-        paths += save(draw_methods(plain), os.path.join(out, "methods"))
+    for name in METHOD_FIGURES:
+        if method_panels(plain, name):
+            paths += save(draw_methods(plain, name), os.path.join(out, name))
     for pipe, mine in _by(rows, pipeline).items():
-        if any(len(c) >= 2 for c in report.lambda_curves(mine).values()):
-            name = "lambda_" + pipe.replace("->", "-")
-            paths += save(draw_lambda(mine, reference), os.path.join(out, name))
+        settings = report.stage2_settings(mine)
+        for post in settings:
+            if any(len(c) >= 2 for c in report.lambda_curves(mine, post=post).values()):
+                name = "lambda_" + pipe.replace("->", "-")
+                if len(settings) > 1:
+                    name += f"_lr{post[0]}_b{post[1]}"
+                paths += save(draw_lambda(mine, reference, post=post), os.path.join(out, name))
     return paths

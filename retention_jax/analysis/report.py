@@ -1,15 +1,62 @@
-"""Plain-text tables and the numbers behind the figures, for main.py and notebooks."""
+"""Plain-text tables and the numbers behind the figures, for main.py and notebooks.
+
+Convergence is data: a post-training run that is not compute-matched and did not stop
+early ran to its token cap, so its L_im is not a converged loss. Such rows are marked
+"cap" in the table, left out of frontiers and comparisons, and counted where they are
+left out (docs/science.md, "Convergence").
+"""
 
 import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 
 from retention_jax.analysis import frontier, paper
 from retention_jax.analysis.results import group, method, pipeline
 
-VIEWS = (("L_ft", "L_ret"), ("L_ret", "L_pre"))  # (x, y) projections of SCIENCE.md Fig. 2
-REFERENCE_FT_LR = paper.FT_LR  # the stage-3 LR of SCIENCE.md Fig. 3
+VIEWS = (("L_ft", "L_ret"), ("L_ret", "L_pre"))  # (x, y) projections of the paper's Fig. 2
+REFERENCE_FT_LR = paper.FT_LR  # the stage-3 LR of the paper's Fig. 3
+
+
+def cap_hit(row: dict) -> bool:
+    """True when the row's post-training ran to its cap: neither stopped early nor
+    compute-matched. Rows written before runs recorded `post_stopped_early` are False."""
+    stopped = row.get("post_stopped_early")
+    return stopped is not None and not stopped and not row.get("compute_matched", False)
+
+
+def stage2_end(row: dict) -> str:
+    """How the row's post-training ended: stopped | cap | matched | ? (not recorded)."""
+    if row.get("compute_matched", False):
+        return "matched"
+    stopped = row.get("post_stopped_early")
+    return "?" if stopped is None else ("stopped" if stopped else "cap")
+
+
+def converged(rows: list[dict]) -> list[dict]:
+    """The rows whose post-training did not hit its cap."""
+    return [r for r in rows if not cap_hit(r)]
+
+
+def _post_runs(rows: list[dict]) -> dict:
+    """Post-training run id -> one of its rows (a run feeds many leaves)."""
+    return {r.get("ids", {}).get("posttrain", r.get("run_id", i)): r for i, r in enumerate(rows)}
+
+
+def convergence_note(rows: list[dict]) -> str:
+    """One line: how many post-training runs hit their cap, and what is done with them."""
+    runs = _post_runs(rows).values()
+    capped = sum(cap_hit(r) for r in runs)
+    unknown = sum(stage2_end(r) == "?" for r in runs)
+    text = (
+        f"{capped} of {len(runs)} post-training runs hit their token cap before early "
+        "stopping (stage2_end 'cap'); frontiers and comparisons leave their leaves out"
+    )
+    if unknown:
+        text += f"; {unknown} run(s) did not record how they ended ('?')"
+    return text
+
 
 _COLUMNS = (
     ("pipeline", "{:<14}", pipeline),
@@ -21,6 +68,8 @@ _COLUMNS = (
     ("replay", "{:>6.3f}", lambda r: r.get("replay", 0.0)),
     ("ft_lr", "{:>8.1e}", lambda r: r.get("ft_lr", math.nan)),
     ("seed", "{:>4}", lambda r: r.get("seed", 0)),
+    ("stage2_end", "{:>10}", stage2_end),
+    ("post_steps", "{:>10}", lambda r: r.get("post_steps", "")),
     ("L_im", "{:>7.4f}", lambda r: r["L_im"]),
     ("L_ret", "{:>7.4f}", lambda r: r["L_ret"]),
     ("L_ft", "{:>7.4f}", lambda r: r["L_ft"]),
@@ -33,7 +82,8 @@ def view_name(view: tuple[str, str]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per leaf, sorted by pipeline, method and hyperparameters."""
+    """One line per leaf, sorted by pipeline, method and hyperparameters, then the
+    convergence note."""
     widths = [len(fmt.format(get(rows[0]))) if rows else len(name) for name, fmt, get in _COLUMNS]
     header = "  ".join(
         name.rjust(max(w, len(name))) for (name, _, _), w in zip(_COLUMNS, widths, strict=True)
@@ -45,29 +95,32 @@ def table(rows: list[dict]) -> str:
             for (name, fmt, get), w in zip(_COLUMNS, widths, strict=True)
         ]
         lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + [convergence_note(rows)])
 
 
 def points(rows: list[dict], view: tuple[str, str]) -> np.ndarray:
     return np.array([[r[view[0]], r[view[1]]] for r in rows], dtype=float).reshape(-1, 2)
 
 
-def compare(rows: list[dict], a: str = "mixed", b: str = "unmixed") -> dict:
+def compare(
+    rows: list[dict], a: str = "mixed", b: str = "unmixed", include_cap_hit: bool = False
+) -> dict:
     """Per group (pipeline, pool, exposure mode) and view: frontier `a` against `b`.
 
     Keys per view: b_dominated_by_a, a_dominated_by_b (shares of frontier points), area
     (between the staircases over x_lo..x_hi; > 0 when a is better; NaN if the x ranges do
-    not meet), hv_gain (hypervolume of a minus that of b, against the worst point of both)
-    and seeds. Seeds are
-    compared one by one; with several, values are means and `<key>_ci95` the half-width of
-    their 95% confidence interval.
+    not meet), hv_gain (hypervolume of a minus that of b, against the worst point of both),
+    seeds, and cap_hit_left_out (leaves of a and b whose post-training hit its cap; kept
+    only with include_cap_hit). Seeds are compared one by one; with several, values are
+    means and `<key>_ci95` the half-width of their 95% confidence interval.
     """
     out = {}
     for pipe in sorted({group(r) for r in rows}):
+        mine = [r for r in rows if group(r) == pipe and method(r) in (a, b)]
+        left_out = 0 if include_cap_hit else sum(cap_hit(r) for r in mine)
         by = defaultdict(list)  # (method, seed) -> rows
-        for r in rows:
-            if group(r) == pipe and method(r) in (a, b):
-                by[method(r), r.get("seed", 0)].append(r)
+        for r in mine if include_cap_hit else converged(mine):
+            by[method(r), r.get("seed", 0)].append(r)
         seeds = sorted({s for m, s in by if m == a} & {s for m, s in by if m == b})
         if not seeds:
             continue
@@ -76,7 +129,7 @@ def compare(rows: list[dict], a: str = "mixed", b: str = "unmixed") -> dict:
             per_seed = [
                 frontier.compare(points(by[a, s], view), points(by[b, s], view)) for s in seeds
             ]
-            result = {"seeds": len(seeds)}
+            result = {"seeds": len(seeds), "cap_hit_left_out": left_out}
             for key in per_seed[0]:
                 mean, half = frontier.mean_ci([c[key] for c in per_seed])
                 result[key] = float(mean)
@@ -104,7 +157,8 @@ def format_compare(result: dict, a: str = "mixed", b: str = "unmixed") -> str:
             lines.append(
                 f"  {pipe:<14} {view:<15} {b} frontier dominated {c['b_dominated_by_a']:.0%},"
                 f" {a} frontier dominated {c['a_dominated_by_b']:.0%}, area {area}, "
-                f"hv_gain {value(c, 'hv_gain')}, {c['seeds']} seed(s)"
+                f"hv_gain {value(c, 'hv_gain')}, {c['seeds']} seed(s), "
+                f"{c['cap_hit_left_out']} cap-hit leaves left out"
             )
     return "\n".join(lines)
 
@@ -115,31 +169,63 @@ def reference_ft_lr(rows: list[dict], target: float = REFERENCE_FT_LR) -> float:
     return min(lrs, key=lambda lr: abs(math.log(lr / target)))
 
 
-def lambda_curves(rows: list[dict], ft_lr: float | None = None) -> dict:
-    """(compute_matched, pool_tokens) -> [(lam, L_im, L_ret), ...] sorted by lam.
+class LambdaPoint(NamedTuple):
+    lam: float
+    L_im: float
+    L_ret: float
+    cap_hit: bool  # some run behind the point hit its stage-2 cap
 
-    Only plain post-training (no dropout, no replay) at one stage-3 LR (`ft_lr`, default the
-    one closest to 5e-5). Per λ the stage-2 setting (post_lr, post_batch) with the lowest
-    L_im, averaged over seeds, stands for the point: it is the run a practitioner keeps
-    before any fine-tuning, mirroring "stage 2 to convergence"; choosing by L_ret instead
-    would flatter retention.
+
+def _plain(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("dropout", 0.0) and not r.get("replay", 0.0)]
+
+
+def stage2_settings(rows: list[dict]) -> list[tuple]:
+    """(post_lr, post_batch) pairs of the plain (no dropout, no replay) rows."""
+    keys = {(r.get("post_lr"), r.get("post_batch")) for r in _plain(rows)}
+    return sorted(keys, key=lambda k: tuple(math.inf if v is None else v for v in k))
+
+
+def lambda_curves(
+    rows: list[dict], ft_lr: float | None = None, post: tuple | None = None
+) -> dict[tuple, list[LambdaPoint]]:
+    """(compute_matched, pool_tokens) -> [LambdaPoint, ...] sorted by λ.
+
+    Plain post-training (no dropout, no replay) at one stage-3 LR (`ft_lr`, default the
+    one closest to 5e-5) and ONE stage-2 setting for every λ: `post` = (post_lr,
+    post_batch), or the only one present. Choosing a setting per λ (by L_im or L_ret)
+    would let the selection, not λ, shape the curve, so several settings without `post`
+    is an error. Seeds are averaged.
     """
-    plain = [r for r in rows if not r.get("dropout", 0.0) and not r.get("replay", 0.0)]
+    plain = _plain(rows)
     if not plain:
         return {}
+    settings = stage2_settings(plain)
+    if post is None and len(settings) > 1:
+        raise ValueError(
+            f"lambda_curves: post=None but the rows hold {len(settings)} stage-2 settings "
+            f"(post_lr, post_batch) {settings}; name one with post=(post_lr, post_batch)"
+        )
+    post = settings[0] if post is None else tuple(post)
+    if post not in settings:
+        raise ValueError(f"lambda_curves: post={post!r}; allowed: one of {settings}")
     ft_lr = reference_ft_lr(plain) if ft_lr is None else ft_lr
     groups = defaultdict(lambda: defaultdict(list))
     for r in plain:
-        if math.isclose(r["ft_lr"], ft_lr, rel_tol=1e-6):
+        if (r.get("post_lr"), r.get("post_batch")) == post and math.isclose(
+            r["ft_lr"], ft_lr, rel_tol=1e-6
+        ):
             key = (bool(r.get("compute_matched", False)), r.get("pool_tokens"))
-            config = (r["lam"], r.get("post_lr"), r.get("post_batch"))
-            groups[key][config].append((r["L_im"], r["L_ret"]))
+            groups[key][r["lam"]].append(r)
     curves = {}
-    for key, configs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        best = {}
-        for (lam, *_), values in configs.items():
-            l_im, l_ret = np.mean(values, axis=0)
-            if lam not in best or l_im < best[lam][1]:
-                best[lam] = (lam, float(l_im), float(l_ret))
-        curves[key] = [best[lam] for lam in sorted(best)]
+    for key, by_lam in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        curves[key] = [
+            LambdaPoint(
+                float(lam),
+                float(np.mean([r["L_im"] for r in mine])),
+                float(np.mean([r["L_ret"] for r in mine])),
+                any(cap_hit(r) for r in mine),
+            )
+            for lam, mine in sorted(by_lam.items())
+        ]
     return curves

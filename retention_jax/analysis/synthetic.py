@@ -1,7 +1,9 @@
 """A small, fully known results table: for tests and for trying the notebooks without a run.
 
 Losses follow a simple law: fine-tuning harder (larger ft_lr) lowers L_ft and raises L_ret
-and L_pre; mixing (lam > 0), dropout and replay lower the retention losses.
+and L_pre; mixing (lam > 0), dropout and replay lower the retention losses. Post-training
+stops early after 400 of 1,000 planned steps, except at `capped_post_lrs`, where it runs
+to its cap (compute-matched runs take their single pass, 1,000·(1-λ) steps).
 """
 
 import itertools
@@ -20,6 +22,7 @@ def rows(
     post_lrs: tuple[float, ...] = (1e-3, 2e-3),
     ft_lrs: tuple[float, ...] = (5e-5, 2e-4, 1e-3),
     variants: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.05, 0.0), (0.0, 0.01)),
+    capped_post_lrs: tuple[float, ...] = (),
 ) -> list[dict]:
     """Rows shaped like results.jsonl; `variants` are (dropout, replay) pairs."""
     out = []
@@ -33,8 +36,11 @@ def rows(
             noise = 0.01 * math.sin(17 * seed + 3 * lam + 1e3 * post_lr + 7 * push)
             shield = 0.3 * lam + 2 * dropout + 5 * replay  # less forgetting
             l_im = 1.5 - 0.1 * math.log10(pool / 1e5) + 0.1 * cm * lam**2 + 30 * (post_lr - 1e-3)
+            post_id = f"post-{pipe}-{seed}-{lam}-{pool}-{cm}-{post_lr}-{dropout}-{replay}"
+            capped = not cm and post_lr in capped_post_lrs
             row = dict(
                 run_id=f"ft-{len(out):04d}",
+                ids={"posttrain": post_id},
                 pipeline=pipe,
                 d_pre="prose",
                 d_post=d_post,
@@ -49,6 +55,9 @@ def rows(
                 dropout=dropout,
                 replay=replay,
                 ft_lr=ft_lr,
+                post_planned_steps=round(1000 * (1 - lam)) if cm else 1000,
+                post_steps=round(1000 * (1 - lam)) if cm else (1000 if capped else 400),
+                post_stopped_early=not cm and not capped,
                 L_im=l_im + noise,
                 L_ret=l_im + (0.6 - shield) * push + noise,
                 L_ft=2.5 - push + 0.5 * noise,

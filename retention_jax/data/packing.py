@@ -1,10 +1,10 @@
 """Packing token documents into training rows of seq_len (input, target) slots.
 
-concat     (the paper's): documents, each ending in EOS, are concatenated into one
-           stream and cut into chunks of seq_len+1 tokens that overlap by one token, so
-           every token after the first is a target exactly once. Rows are single-domain,
-           segment ids are all 1 and positions run 0..seq_len-1 (documents attend to
-           their predecessors in the row, as in the paper).
+concat     (the default; the paper does not say how it packs): documents, each ending
+           in EOS, are concatenated into one stream and cut into chunks of seq_len+1
+           tokens that overlap by one token, so every token after the first is a target
+           exactly once. Rows are single-domain, segment ids are all 1 and positions run
+           0..seq_len-1 (documents attend to their predecessors in the row).
 first_fit  each document d (with EOS) gives pairs (d[:-1], d[1:]), cut into pieces of at
            most seq_len pairs; pieces go into the first open row with room (at most
            `open_rows` rows stay open; when none fits, the oldest is closed). Segment ids
