@@ -85,6 +85,7 @@ def get_config() -> mlc.ConfigDict:
     c.posttrain = dict(
         batch=16,
         max_tokens=1_000_000,  # repetition of the pool allowed up to this budget
+        seed=-1,  # stage-2 data order and dropout; -1: the experiment seed (the pool split's)
         dropout=0.0,  # one rate at embedding, attention, residual and MLP
         replay=0.0,  # fraction of stage-2 sequences drawn from D_pre
         compute_matched=False,  # one pass in total: λ in stage 1, the other 1-λ here

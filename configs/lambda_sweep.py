@@ -20,7 +20,7 @@ drawn beside).
 import ml_collections as mlc
 
 from configs import corpora, paper_135m
-from retention_jax import data
+from retention_jax import config, data
 
 M = 1_000_000
 SETTINGS = ("added", "compute_matched")
@@ -49,4 +49,4 @@ def _full_pass_steps(c, pool_tokens: int) -> int:
     ref = mlc.ConfigDict(c.to_dict())
     ref.data.post_pool_tokens = pool_tokens
     ref.pretrain.exposure.lam = 0.0
-    return data.plan("posttrain", ref).num_steps
+    return data.plan("posttrain", config.parse(ref, config.smallest_devices(ref.mesh))).num_steps

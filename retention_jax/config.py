@@ -168,6 +168,7 @@ class Pretrain:
 
 @dataclasses.dataclass(frozen=True)
 class Posttrain:
+    seed: int  # data order and dropout of stage 2 (resolved: -1 in a file is the experiment seed)
     batch: int
     max_tokens: int
     dropout: float
@@ -236,6 +237,10 @@ class Experiment:
             return self.model
         rate = self.posttrain.dropout
         return dataclasses.replace(self.model, dropout=Dropout(rate, rate, rate, rate))
+
+    def stage_seed(self, name: str) -> int:
+        """The seed of a stage's data order and dropout (stage 2 may set its own)."""
+        return self.posttrain.seed if name == "posttrain" else self.seed
 
     def early_stopping(self, name: str) -> bool:
         es = self.posttrain.early_stop
@@ -517,7 +522,11 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     es = s2.section("early_stop")
     early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
     es.done()
+    post_seed = s2.raw("seed")
+    if post_seed != -1:
+        post_seed = s2.int("seed", 0)
     posttrain = Posttrain(
+        seed=seed if post_seed == -1 else post_seed,
         batch=_batch(s2, "batch", rows, num_processes),
         max_tokens=s2.int("max_tokens", 0),
         dropout=s2.num("dropout", 0, 1, open_high=True),

@@ -154,7 +154,7 @@ def run(
     executable = None
     if int(jax.device_get(state.step)) < plan.num_steps:
         executable, record.compiled_s = rt.train_executable(fns, plan.batch, plan.seq_len)
-    rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), config.STAGES.index(name))
+    rng = jax.random.fold_in(jax.random.PRNGKey(exp.stage_seed(name)), config.STAGES.index(name))
     t = trainer.Trainer(fns, executable, state, rng)
     steps, rule = callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta)
     early = exp.early_stopping(name)

@@ -11,9 +11,9 @@ from retention_jax import config, experiment
 SHIPPED = [
     (default, "", 8, 2 + 4 + 16),
     (default, "smoke", 8, 2 + 2 + 4),
-    *[(paper_135m, p, 32, 2 + 90 + 360) for p in corpora.PIPELINES],
-    *[(paper_135m, p + ",smoke", 8, 2 + 4 + 8) for p in corpora.PIPELINES],
-    *[(paper_1b, p, 256, 2 + 10 + 30) for p in corpora.PIPELINES],
+    *[(paper_135m, p, 32, 2 + 30 + 180) for p in corpora.PIPELINES],
+    *[(paper_135m, p + ",smoke", 8, 2 + 2 + 4) for p in corpora.PIPELINES],
+    *[(paper_1b, p, 256, 2 + 10 + 60) for p in corpora.PIPELINES],
     *[(paper_1b, p + ",smoke", 8, 2 + 2 + 4) for p in corpora.PIPELINES],
     (lambda_sweep, "added", 32, 15 * 3),
     (lambda_sweep, "compute_matched,smoke", 8, 10 * 3),

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -238,3 +240,34 @@ def test_ids_are_content_addressed():
     assert [n.id for n in d[:4]] == [n.id for n in a[:4]]  # upstream nodes are shared
     assert {n.id for n in d[4:]}.isdisjoint({n.id for n in a[4:]})
     assert len(data.DOMAINS) == 3
+
+
+@pytest.mark.parametrize(
+    "config_arg, nodes",
+    [
+        ("configs/1b_early_exposure.py:musicpile-chempile", 72),
+        ("configs/paper_135m.py:flan-chempile", 212),
+        ("configs/lambda_sweep.py:compute_matched", 45),
+    ],
+)
+def test_dry_run_of_pod_configs_on_one_device(tmp_path, config_arg, nodes):
+    """A pod run's plan is inspected on a laptop: validated for the config's own mesh."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            f"--config={config_arg}",
+            "--dry_run",
+            f"--workdir={tmp_path / 'w'}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{nodes} nodes," in out.stdout
+    assert not (tmp_path / "w").exists()

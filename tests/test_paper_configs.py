@@ -62,7 +62,7 @@ def test_graph_sizes(module, arg, counts):
 
 
 def _plans(cfg) -> list:
-    return [(n, data.plan(n.stage, n.cfg)) for n in experiment.expand(cfg)]
+    return [(n, data.plan(n.stage, n.exp)) for n in experiment.expand(cfg)]
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_fig3b_one_pass_in_total():
     ]
     assert full[0].num_steps == 1_526
     assert c.posttrain.warmup_fraction == pytest.approx(500 / 1_526)
-    assert "warmup_fraction" not in lambda_sweep.get_config("added").posttrain
+    assert lambda_sweep.get_config("added").posttrain.warmup_fraction == 0.0
 
 
 def test_stage3_grid_spans_the_forgetting_range_and_holds_fig3_lr():
@@ -207,7 +207,7 @@ def test_stage3_grid_spans_the_forgetting_range_and_holds_fig3_lr():
     for module, arg in ((paper_135m, "flan-musicpile"), (early_exposure, "musicpile-flan")):
         ft = [n for n in experiment.expand(module.get_config(arg)) if n.stage == "finetune"]
         assert sorted({n.cfg.finetune.lr for n in ft}) == list(lrs)
-        assert {data.plan("finetune", n.cfg).tokens["ft"] for n in ft[:3]} == {FT_TOKENS}
+        assert {data.plan("finetune", n.exp).tokens["ft"] for n in ft[:3]} == {FT_TOKENS}
 
 
 def test_bad_arguments_are_named():

@@ -26,8 +26,10 @@ train store) by `StagePlan.lookup`, a pure function of (seed, stage, slot):
   finetune   K = finetune.tokens // seq_len sequences of the D_ft pool (F sequences),
              in epochs of seeded permutations, last partial batch padded.
 
-Seeds: every permutation key is derive_key(exp.seed, purpose...) with the stage name
-(or "pool" for the pool split shared by stages 1 and 2) folded in.
+Seeds: every permutation key is derive_key(seed, purpose...) with the stage name (or
+"pool" for the pool split shared by stages 1 and 2) folded in; the seed is the
+experiment's, except that stage 2's own order and replay use `posttrain.seed` when set
+(the pool split never does, so exposed and remaining parts stay disjoint).
 """
 
 import dataclasses
@@ -192,14 +194,22 @@ def plan(stage: str, exp: Experiment) -> StagePlan:
             steps = exp.posttrain.max_tokens // (batch * s)
             total = steps * batch
             n_replay = round_half_up(r * total)
-            main = Part(POST, total - n_replay, "epochs", p, derive_key(seed, stage, "post"))
+            own = exp.stage_seed(stage)
+            main = Part(POST, total - n_replay, "epochs", p, derive_key(own, stage, "post"))
         total = main.count + n_replay
         # Replay draws from the D_pre sequences stage 1 actually saw: the first `seen`
         # ranks of stage 1's D_pre order ("replace" gave E of its Q slots to D_post).
         seen = q - e if mode == "replace" else q
         stage1 = Part(PRE, seen, "epochs", q, derive_key(seed, "pretrain", "pre"))
         replay = (
-            Part(PRE, n_replay, "epochs", seen, derive_key(seed, stage, "replay"), then=stage1)
+            Part(
+                PRE,
+                n_replay,
+                "epochs",
+                seen,
+                derive_key(exp.stage_seed(stage), stage, "replay"),
+                then=stage1,
+            )
             if n_replay
             else None
         )
