@@ -31,6 +31,7 @@ def _optimizer(**kw) -> dict:
         eps=1e-8,
         clip_norm=1.0,
         decay_exclude=("norm",),  # parameters whose path names one of these do not decay
+        allow_unreached_peak=False,  # True accepts a warmup as long as the stage itself
     )
     opt.update(kw)
     return opt

@@ -116,6 +116,7 @@ class Optimizer:
     eps: float
     clip_norm: float
     decay_exclude: tuple[str, ...]
+    allow_unreached_peak: bool  # accept a warmup as long as the stage (the LR never peaks)
 
     def static(self) -> dict:
         """The keys that shape the compiled program; the rest are traced hyperparameters."""
@@ -393,6 +394,7 @@ def _optimizer(s: _Section) -> Optimizer:
         eps=s.num("eps", 0, 1, open_low=True),
         clip_norm=s.num("clip_norm", 0, math.inf, open_low=True),
         decay_exclude=s.strings("decay_exclude", "parameter-path substrings"),
+        allow_unreached_peak=s.bool("allow_unreached_peak"),
     )
 
 
@@ -585,6 +587,22 @@ def _check_budgets(exp: Experiment) -> None:
         fail("posttrain.replay", exp.posttrain.replay, "0 unless pretrain.tokens >= data.seq_len")
 
 
+def check_schedule(name: str, optimizer: Optimizer, num_steps: int, tokens_per_step: int) -> None:
+    """Refuses a warmup that spans the whole stage (its peak LR would never be reached,
+    so the stage length would change the LR) unless the stage allows it."""
+    warmup = optimizer.schedule(num_steps, tokens_per_step)["warmup_steps"]
+    if 0 < num_steps <= warmup and not optimizer.allow_unreached_peak:
+        key = "warmup_fraction" if optimizer.warmup_fraction > 0 else "warmup_steps"
+        value = getattr(optimizer, key)
+        fail(
+            f"{name}.{key}",
+            value,
+            f"a warmup shorter than the stage's {num_steps} steps "
+            f"(it is {warmup}); scale it with the stage ({name}.warmup_fraction) or set "
+            f"{name}.allow_unreached_peak=True",
+        )
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -607,7 +625,11 @@ def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
 
 
 def check_sweep(cfg: mlc.ConfigDict) -> None:
-    """Each stage's sweep sets only keys that exist and that the stage owns."""
+    """Each stage's sweep sets only keys that exist and that the stage owns.
+
+    A sweep entry is (path, values), or (tuple of paths, tuples of values) for keys that
+    change together (a compute-matched arm and its schedule): the graph is the product
+    over entries, not over linked paths."""
     if "sweep" not in cfg or set(cfg.sweep.keys()) != set(STAGES):
         fail(
             "sweep",
@@ -621,9 +643,16 @@ def check_sweep(cfg: mlc.ConfigDict) -> None:
         ):
             fail(f"sweep.{name}", pairs, "a tuple of (dotted config path, values) pairs")
         for path, values in pairs:
-            if not _has_path(cfg, path):
-                fail(f"sweep.{name}", path, "dotted paths of existing config keys")
-            if not path.startswith(STAGE_KINDS[name].sweepable):
-                fail(f"sweep.{name}", path, f"paths under {STAGE_KINDS[name].sweepable}")
+            linked = isinstance(path, tuple | list)
+            for p in path if linked else (path,):
+                if not isinstance(p, str) or not _has_path(cfg, p):
+                    fail(f"sweep.{name}", p, "dotted paths of existing config keys")
+                if not p.startswith(STAGE_KINDS[name].sweepable):
+                    fail(f"sweep.{name}", p, f"paths under {STAGE_KINDS[name].sweepable}")
+            key = f"sweep.{name}.{path if not linked else ','.join(path)}"
             if not isinstance(values, list | tuple) or not values:
-                fail(f"sweep.{name}.{path}", values, "a non-empty list of values")
+                fail(key, values, "a non-empty list of values")
+            if linked and not all(
+                isinstance(v, tuple | list) and len(v) == len(path) for v in values
+            ):
+                fail(key, values, f"tuples of {len(path)} values, one per linked path")

@@ -62,9 +62,13 @@ def _flat_section(section) -> dict:
 
 
 def _product(sweep: tuple) -> Iterable[dict]:
-    keys = [path for path, _ in sweep]
-    for values in itertools.product(*(values for _, values in sweep)):
-        yield dict(zip(keys, values))
+    """{path: value} per point of the sweep; linked paths take their values together."""
+    for point in itertools.product(*(values for _, values in sweep)):
+        out = {}
+        for (path, _), value in zip(sweep, point):
+            linked = isinstance(path, tuple | list)
+            out.update(zip(path, value) if linked else [(path, value)])
+        yield out
 
 
 def devices_for(cfg: mlc.ConfigDict, devices: int | None = None) -> int:
@@ -92,6 +96,10 @@ def expand(cfg: mlc.ConfigDict, num_devices: int | None = None) -> list[Node]:
                 for path, value in values.items():
                     config.assign(c, path, value)
                 exp = config.parse(c, n, jax.process_count())
+                p = data.plan(name, exp)
+                config.check_schedule(
+                    name, exp.stage(name).optimizer, p.num_steps, p.batch * p.seq_len
+                )
                 probe = Node("", name, c, exp, parent, values)
                 node_id = f"{name}-{fileio.digest(probe.identity)}"
                 layer.append(Node(node_id, name, c, exp, parent, values))

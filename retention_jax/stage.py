@@ -69,13 +69,6 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
     else:
         params = trainer.init_params(fns, exp.model_for(name), exp.rules, exp.seed)
     schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)
-    if 0 < plan.num_steps <= schedule["warmup_steps"]:
-        logging.warning(
-            "%s: warmup of %d steps covers the whole stage of %d steps; the LR never peaks",
-            name,
-            schedule["warmup_steps"],
-            plan.num_steps,
-        )
     return trainer.fresh_state(fns, params, schedule), cb.Record.fresh()
 
 

@@ -1,11 +1,12 @@
 """Config validation: every bad value is named with its key and what is allowed."""
 
+import dataclasses
 import re
 
 import pytest
 
 from configs import base, corpora, default, lambda_sweep, paper_1b, paper_135m
-from retention_jax import config, experiment
+from retention_jax import config, data, experiment
 
 # (config module, argument, devices it is validated for, nodes in its graph)
 SHIPPED = [
@@ -106,3 +107,62 @@ def test_bad_rules_are_named():
     c.rules = (("embed", "fsdp"), ("mlp", "model"))
     with pytest.raises(ValueError, match=r"rules=\('mlp', 'model'\)"):
         experiment.expand(c, 8)
+
+
+def test_linked_sweep_keys_change_together():
+    c = default.get_config("smoke")
+    c.sweep.posttrain = (
+        ("posttrain.lr", (1e-3, 3e-3)),
+        (("posttrain.compute_matched", "posttrain.warmup_fraction"), ((False, 0.0), (True, 0.25))),
+    )
+    post = [n for n in experiment.expand(c, 8) if n.stage == "posttrain"]
+    assert len(post) == 2 * 2 * 2  # two pretraining nodes × lr × the linked pair
+    assert {
+        (n.exp.posttrain.compute_matched, n.exp.posttrain.optimizer.warmup_fraction) for n in post
+    } == {(False, 0.0), (True, 0.25)}
+    assert post[1].swept == {
+        "posttrain.lr": 1e-3,
+        "posttrain.compute_matched": True,
+        "posttrain.warmup_fraction": 0.25,
+    }
+    c.sweep.posttrain = ((("posttrain.lr", "posttrain.dropout"), ((1e-3,),)),)
+    with pytest.raises(config.ConfigError, match="tuples of 2 values, one per linked path"):
+        experiment.expand(c, 8)
+
+
+def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
+    c = default.get_config("smoke")
+    c.finetune.warmup_steps = 8  # the smoke fine-tuning stage has 8 steps
+    with pytest.raises(
+        config.ConfigError,
+        match=r"finetune.warmup_steps=8: a warmup shorter "
+        r"than the stage's 8 steps",
+    ):
+        experiment.expand(c, 8)
+    c.finetune.allow_unreached_peak = True
+    assert len(experiment.expand(c, 8)) == 8
+    c = default.get_config("smoke")
+    c.posttrain.update(compute_matched=True, warmup_fraction=0.25)
+    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 0.5)))
+    steps = {}
+    for n in experiment.expand(c, 8):
+        if n.stage == "posttrain":
+            p = data.plan("posttrain", n.exp)
+            sched = n.exp.posttrain.optimizer.schedule(p.num_steps, p.batch * p.seq_len)
+            steps[n.exp.pretrain.exposure.lam] = (p.num_steps, sched["warmup_steps"])
+    assert steps == {0.0: (8, 2), 0.5: (4, 1)}  # the same shape at every λ
+
+
+def test_schedule_resolution():
+    opt = config.parse(base.get_config(), 8).posttrain.optimizer  # lr 1e-3, min 5e-5, warmup 20
+    assert opt.schedule(100, 2048) == {
+        "lr": 1e-3,
+        "min_lr": 5e-5,
+        "warmup_steps": 20,
+        "total_steps": 100,
+        "weight_decay": 0.1,
+    }
+    frac = dataclasses.replace(opt, warmup_fraction=0.3, horizon_tokens=2048 * 40 + 1)
+    s = frac.schedule(100, 2048)
+    assert (s["warmup_steps"], s["total_steps"]) == (30, 41)  # horizon rounds up to a step
+    assert dataclasses.replace(opt, min_lr=5e-3).schedule(10, 1)["min_lr"] == 1e-3  # clamped
