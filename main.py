@@ -5,11 +5,13 @@ python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke
 python main.py --config=configs/paper_1b.py:musicpile-chempile --workdir=gs://... --dry_run
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from retention_jax import experiment, sharding
+from retention_jax import callbacks, experiment, sharding
 from retention_jax.analysis import figures, report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -18,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directories, results and figures.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (nodes, tokens, FLOPs) and exit.")
 _ONLY = flags.DEFINE_string("only", "", "Run only these nodes: comma-separated ids or stages.")
+_RETRY = flags.DEFINE_bool("retry_failed", False, "Rerun nodes that failed in an earlier run.")
 _DEVICES = flags.DEFINE_integer(
     "devices", 0, "With --dry_run: validate for this many devices (default: the config's mesh)."
 )
@@ -27,18 +30,29 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
     sharding.initialize_distributed()
-    rows = experiment.run(
-        _CONFIG.value,
-        _WORKDIR.value,
-        dry_run=_DRY_RUN.value,
-        only=_ONLY.value,
-        devices=_DEVICES.value or None,
-    )
+    failed = None
+    try:
+        rows = experiment.run(
+            _CONFIG.value,
+            _WORKDIR.value,
+            dry_run=_DRY_RUN.value,
+            only=_ONLY.value,
+            devices=_DEVICES.value or None,
+            retry_failed=_RETRY.value,
+        )
+    except callbacks.Preempted as e:
+        print(e, flush=True)
+        sys.exit(callbacks.EXIT_PREEMPTED)
+    except experiment.GraphFailed as e:
+        failed, rows = e, e.rows
     if rows and jax.process_index() == 0:
         print(report.table(rows))
         print(report.format_compare(report.compare(rows)))
         for path in figures.draw_all(_WORKDIR.value):
             print("figure:", path)
+    if failed is not None:
+        print(failed, file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,6 @@ def get_config() -> mlc.ConfigDict:
         finetune=(("finetune.lr", (1e-4, 1e-3)),),
     )
     c.eval = dict(batch=32)
-    c.ckpt = dict(every=200)
+    c.ckpt = dict(every=200, every_minutes=30.0)  # steps; and wall time (0: steps only)
     c.log = dict(every=20)
     return c

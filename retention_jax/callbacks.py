@@ -9,8 +9,11 @@ No callback waits on the device except at its own cadence.
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -43,20 +46,27 @@ class Callback:
     def on_end(self, trainer, info: StepInfo | None) -> None:
         """After the last step of the stage (`info` is None when no step ran)."""
 
+    def close(self) -> None:
+        """When the loop ends, however it ends (an exception included)."""
+
 
 def run_loop(trainer, batches, callbacks, num_steps: int, stopped: bool = False) -> None:
     """Trains until `num_steps` or until a callback stops the stage."""
-    for cb in callbacks:
-        cb.on_start(trainer)
-    info = None
-    while trainer.step < num_steps and not stopped:
-        host = next(batches)
-        info = StepInfo(trainer.step + 1, num_steps, host, trainer.train(host))
+    try:
         for cb in callbacks:
-            cb.after_step(info)
-        stopped = info.stop
-    for cb in callbacks:
-        cb.on_end(trainer, info)
+            cb.on_start(trainer)
+        info = None
+        while trainer.step < num_steps and not stopped:
+            host = next(batches)
+            info = StepInfo(trainer.step + 1, num_steps, host, trainer.train(host))
+            for cb in callbacks:
+                cb.after_step(info)
+            stopped = info.stop
+        for cb in callbacks:
+            cb.on_end(trainer, info)
+    finally:
+        for cb in callbacks:
+            cb.close()
 
 
 @dataclasses.dataclass
@@ -96,10 +106,18 @@ class Record:
         }
 
 
-def check_finite(step: int, metrics: dict) -> None:
-    if not all(np.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(
-            f"non-finite metrics at step {step}: {metrics}; the last checkpoint is kept"
+class NonFinite(FloatingPointError):
+    """A non-finite metric; nothing of that step was checkpointed."""
+
+
+def check_finite(step: int, metrics: dict, last_good: int | None = None) -> None:
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if bad:
+        kept = "nothing of this step was saved"
+        if last_good is not None:
+            kept += f"; the last good checkpoint is step {last_good}"
+        raise NonFinite(
+            f"non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)} at step {step}; {kept}"
         )
 
 
@@ -257,13 +275,20 @@ class EarlyStopping(Callback):
 
 
 class Checkpointing(Callback):
-    """Saves every `every` steps, at the stage's end and when a callback asks; before each
-    save the step's metrics are logged and the token counts synced over processes."""
+    """Saves every `every` steps, every `every_s` seconds of wall time, at the stage's end
+    and when a callback asks; before each save the step's metrics are checked (and logged,
+    for step-scheduled saves) and the token counts synced over processes.
+
+    Time-based and preemption saves write no metrics line of their own, so metrics.jsonl
+    does not depend on when they happened; under several processes process 0 decides
+    time-based saves at log steps and broadcasts the decision (saves are collective)."""
 
     def __init__(
         self,
         mngr,
         every: int,
+        every_s: float,
+        log_every: int,
         items,
         data_iter,
         progress: Progress,
@@ -272,20 +297,48 @@ class Checkpointing(Callback):
         record: Record,
         meta: dict,
     ):
-        self.mngr, self.every, self.items, self.data_iter = mngr, every, items, data_iter
+        self.mngr, self.every, self.every_s, self.log_every = mngr, every, every_s, log_every
+        self.items, self.data_iter = items, data_iter
         self.progress, self.tokens, self.log = progress, tokens, log
         self.record, self.meta = record, meta
+        self.last_save = time.monotonic()
 
     def after_step(self, info: StepInfo) -> None:
         if info.checkpoint or info.step % self.every == 0 or info.step == info.num_steps:
             self.save(info.step, info.metrics, info.val_loss)
+        elif self._time_due(info.step):
+            self.save(info.step, info.metrics, log_line=False)
+
+    def _time_due(self, step: int) -> bool:
+        if self.every_s <= 0:
+            return False
+        due = time.monotonic() - self.last_save >= self.every_s
+        if jax.process_count() == 1:
+            return due
+        if step % self.log_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
 
     def on_end(self, trainer, info: StepInfo | None) -> None:
         if self.mngr.latest_step() != trainer.step:  # no step ran, or resumed at the end
             self.save(trainer.step, info.metrics if info else None)
 
-    def save(self, step: int, metrics: dict | None, val_loss: float | None = None) -> None:
-        self.progress.report(step, metrics)
+    def save(
+        self,
+        step: int,
+        metrics: dict | None,
+        val_loss: float | None = None,
+        log_line: bool = True,
+    ) -> None:
+        if log_line:
+            self.progress.report(step, metrics)
+        else:
+            self.progress.flush()
+            if metrics is not None:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(step, host, self.mngr.latest_step())
         self.tokens.sync()
         self.log.flush()
         meta = {**self.meta, **self.record.meta(), "step": step}
@@ -297,16 +350,75 @@ class Checkpointing(Callback):
             meta=json.loads(json.dumps(meta)),
             val_loss=val_loss,
         )
+        self.last_save = time.monotonic()
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the command can be rerun and will resume
+
+
+class Preempted(Exception):
+    """The stage checkpointed its current step on a preemption notice and stopped."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpointed step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class Preemption(Callback):
+    """On SIGTERM (or JAX's preemption sync point under several processes), checkpoints the
+    step just finished, waits for the save to commit and raises `Preempted`."""
+
+    def __init__(self, checkpointing: Checkpointing):
+        self.checkpointing = checkpointing
+        self.requested = False
+        self.previous = None
+
+    def on_start(self, trainer) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame) -> None:
+        logging.warning("SIGTERM: checkpointing at the next step boundary")
+        self.requested = True
+
+    def after_step(self, info: StepInfo) -> None:
+        if not (self.requested or _sync_point(info.step)):
+            return
+        mngr = self.checkpointing.mngr
+        if mngr.latest_step() != info.step:
+            self.checkpointing.save(info.step, info.metrics, log_line=False)
+        mngr.wait_until_finished()
+        raise Preempted(info.step)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def _sync_point(step: int) -> bool:
+    """JAX's preemption notice, agreed by every process (it swallows SIGTERM there)."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no preemption service in this job
+        return False
 
 
 class RaiseAt(Callback):
-    """Raises `error` after step `step`'s other callbacks ran: a job killed there."""
+    """Raises `error` after step `step`'s other callbacks ran: a job killed there. With
+    `times`, only the first `times` stages that reach the step raise."""
 
-    def __init__(self, step: int, error: BaseException):
-        self.step, self.error = step, error
+    def __init__(self, step: int, error: BaseException, times: int | None = None):
+        self.step, self.error, self.times = step, error, times
 
     def after_step(self, info: StepInfo) -> None:
-        if info.step == self.step:
+        if info.step == self.step and (self.times is None or self.times > 0):
+            if self.times is not None:
+                self.times -= 1
             raise self.error
 
 

@@ -21,7 +21,7 @@ VAL_METRIC = "val_loss"
 def manager(path: str, *, read_only: bool = False) -> ocp.CheckpointManager:
     keep = pp.AnyPreservationPolicy(
         [
-            pp.LatestN(1),
+            pp.LatestN(2),  # the one before the latest: a fallback if the latest is damaged
             pp.BestN(
                 get_metric_fn=lambda m: m[VAL_METRIC],
                 reverse=True,  # keeps the lowest

@@ -227,6 +227,7 @@ class Experiment:
     finetune: Finetune
     eval_batch: int
     ckpt_every: int
+    ckpt_every_minutes: float  # > 0: also checkpoint after this much wall time
     log_every: int
 
     def stage(self, name: str) -> Pretrain | Posttrain | Finetune:
@@ -554,6 +555,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         finetune=finetune,
         eval_batch=_batch(ev, "batch", rows, num_processes),
         ckpt_every=ck.int("every", 1),
+        ckpt_every_minutes=ck.num("every_minutes", 0, math.inf),
         log_every=lg.int("every", 1),
     )
     for s in (ev, ck, lg):

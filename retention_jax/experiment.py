@@ -15,10 +15,12 @@ import dataclasses
 import itertools
 import json
 import os
+import traceback
 from collections.abc import Iterable, Sequence
 
 import jax
 import ml_collections as mlc
+from etils import epath
 
 from retention_jax import callbacks as cb
 from retention_jax import config, data, fileio, results, stage
@@ -28,6 +30,20 @@ from retention_jax import runtime as runtime_lib
 # Data keys that change where or how fast data is read, not which tokens: not identity.
 DATA_NOT_IDENTITY = ("workers", "cache_dir")
 RESULTS = "results.jsonl"
+FAILED = "failed.json"
+
+
+class GraphFailed(RuntimeError):
+    """Some nodes failed (each recorded in its run directory's failed.json); the nodes
+    that did not depend on them finished. `rows` are the finished leaves."""
+
+    def __init__(self, failures: dict[str, str], rows: list[dict]):
+        lines = "\n".join(f"  {i}: {why}" for i, why in failures.items())
+        super().__init__(
+            f"{len(failures)} node(s) did not finish:\n{lines}\n"
+            "Fix the cause, then rerun with --retry_failed (finished nodes are kept)."
+        )
+        self.failures, self.rows = failures, rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,12 +218,17 @@ def run(
     devices: int | None = None,
     rt: runtime_lib.Runtime | None = None,
     extra_callbacks: Sequence[cb.Callback] = (),
+    retry_failed: bool = False,
 ) -> list[dict]:
     """Runs the graph (or the nodes `only` selects) and writes `<workdir>/results.jsonl`.
 
     Returns the rows of every finished leaf. A dry run validates against `devices` (or
     the config's own mesh) and prints the plan; `rt` is the process's runtime (created
     here when not given); `extra_callbacks` go to every stage that runs.
+
+    A node that raises is recorded in its `failed.json` and the graph goes on with every
+    node that does not depend on it; then `GraphFailed` is raised. A node that failed
+    before is not rerun unless `retry_failed`. Preemption and kills are not failures.
     """
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
@@ -221,9 +242,17 @@ def run(
     pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
     pending_ids = {n.id for n in pending}
     corpora: dict[str, data.Corpus] = {}
+    failures: dict[str, str] = {}
     for n in todo:
         if n.id not in pending_ids:
             print(f"{n.id} already done", flush=True)
+            continue
+        if n.parent is not None and n.parent.id in failures:
+            failures[n.id] = f"skipped: parent {n.parent.id} did not finish"
+            continue
+        earlier = fileio.read_json(os.path.join(runs[n.id], FAILED))
+        if earlier is not None and not retry_failed:
+            failures[n.id] = f"failed before ({earlier['error']}); not retried"
             continue
         corpus = _corpus(n, pending, workdir, corpora)
         _check_identity(
@@ -241,11 +270,39 @@ def run(
             "parent_step": parent[1] if parent else None,
             "swept": n.swept,
         }
-        result = stage.run(n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks)
+        try:
+            result = stage.run(
+                n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks
+            )
+        except Exception as e:  # contained: recorded, the graph goes on
+            failures[n.id] = _record_failure(runs[n.id], n, e)
+            continue
+        if earlier is not None and jax.process_index() == 0:
+            epath.Path(runs[n.id], FAILED).unlink(missing_ok=True)
         if jax.process_index() == 0:
             val = " ".join(f"{d} {v:.4f}" for d, v in result["val"].items())
             print(f"{n.id} done: val {val}", flush=True)
-    return collect(workdir, nodes)
+    rows = collect(workdir, nodes)
+    if failures:
+        raise GraphFailed(failures, rows)
+    return rows
+
+
+def _record_failure(run_dir: str, node: Node, error: Exception) -> str:
+    """Writes failed.json (error, traceback, last checkpoint) and returns a one-line reason."""
+    steps = sorted(int(p.name) for p in epath.Path(run_dir, "ckpt").glob("[0-9]*"))
+    why = f"{type(error).__name__}: {error}"
+    record = {
+        "id": node.id,
+        "stage": node.stage,
+        "error": why,
+        "traceback": traceback.format_exception(error)[-12:],
+        "last_checkpoint_step": steps[-1] if steps else None,
+    }
+    if jax.process_index() == 0:
+        fileio.write_json(os.path.join(run_dir, FAILED), record)
+        print(f"{node.id} FAILED: {why}", flush=True)
+    return why
 
 
 def collect(workdir: str, nodes: list[Node]) -> list[dict]:

@@ -52,24 +52,52 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
     """The training state and record `start` names; a resume also restores `batches`."""
     section = exp.stage(name)
     if start.kind == "resume":
-        shapes = fns.state_shapes
-        params, opt, meta = checkpoint.restore(
-            mngr,
-            start.step,
-            params=shapes.params,
-            optimizer=_optimizer_item(shapes),
-            data_iter=batches,
-        )
-        logging.warning("%s: resumed at step %d", mngr.directory, start.step)
-        state = type(shapes)(opt["step"], params, opt["opt"], opt["hp"])
-        return state, cb.Record.from_meta(meta)
+        return _resume(mngr, fns, batches)
     if start.kind == "branch":  # parameters only
         ckpt = os.path.join(start.parent_dir, "ckpt")
-        params = checkpoint.restore_params(ckpt, start.step, fns.state_shapes.params)
+        try:
+            params = checkpoint.restore_params(ckpt, start.step, fns.state_shapes.params)
+        except Exception as e:
+            raise RuntimeError(
+                f"parent {start.parent_dir} finished, but its result step {start.step} cannot "
+                f"be restored from {ckpt} ({type(e).__name__}: {e}); rerun the parent: remove "
+                f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
+            ) from e
     else:
         params = trainer.init_params(fns, exp.model_for(name), exp.rules, exp.seed)
     schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)
     return trainer.fresh_state(fns, params, schedule), cb.Record.fresh()
+
+
+def _resume(mngr, fns: trainer.StepFunctions, batches):
+    """The newest restorable step of this run: a damaged latest step (a crash mid-save
+    on a store without atomic renames, a truncated file) falls back to the one before."""
+    shapes = fns.state_shapes
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            params, opt, meta = checkpoint.restore(
+                mngr,
+                step,
+                params=shapes.params,
+                optimizer=_optimizer_item(shapes),
+                data_iter=batches,
+            )
+        except Exception as e:  # Orbax raises many types for damaged files
+            logging.warning(
+                "%s: step %d cannot be restored (%s: %s); trying the one before",
+                mngr.directory,
+                step,
+                type(e).__name__,
+                e,
+            )
+            continue
+        logging.warning("%s: resumed at step %d", mngr.directory, step)
+        state = type(shapes)(opt["step"], params, opt["opt"], opt["hp"])
+        return state, cb.Record.from_meta(meta)
+    raise RuntimeError(
+        f"{mngr.directory}: no checkpoint step can be restored ({mngr.all_steps()}); delete "
+        "that directory to restart this stage from its beginning"
+    )
 
 
 def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta):
@@ -95,20 +123,20 @@ def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, me
     def items() -> dict:
         return {"params": t.state.params, "optimizer": _optimizer_item(t.state)}
 
-    steps.append(
-        cb.Checkpointing(
-            mngr,
-            exp.ckpt_every,
-            items,
-            batches,
-            progress,
-            tokens,
-            log,
-            record,
-            {**(meta or {}), "stage": name},
-        )
+    saving = cb.Checkpointing(
+        mngr,
+        exp.ckpt_every,
+        60.0 * exp.ckpt_every_minutes,
+        exp.log_every,
+        items,
+        batches,
+        progress,
+        tokens,
+        log,
+        record,
+        {**(meta or {}), "stage": name},
     )
-    return steps, rule
+    return [*steps, saving, cb.Preemption(saving)], rule
 
 
 def run(
@@ -169,6 +197,7 @@ def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped
         ckpt = os.path.join(run_dir, "ckpt")
         params = checkpoint.restore_params(ckpt, result_step, t.fns.state_shapes.params)
     val = evaluate.losses(rt, t.fns, params, corpus, data.DOMAINS, exp.eval_batch)
+    cb.check_finite(result_step, {f"val/{d}": v for d, v in val.items()})
     result = {
         "stage": name,
         "steps": t.step,

@@ -111,8 +111,8 @@ def _copy_runs(src: str, dst: str, *nodes: experiment.Node) -> None:
         shutil.copytree(os.path.join(src, "runs", n.id), os.path.join(dst, "runs", n.id))
 
 
-class _Killed(Exception):
-    pass
+class _Killed(BaseException):
+    """A kill: not a failure the graph contains (those derive from Exception)."""
 
 
 def _params(run_dir: str, step: int, node: experiment.Node):
