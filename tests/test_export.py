@@ -136,3 +136,17 @@ def _one_device_mesh() -> jax.sharding.Mesh:
 
 def _replicated(model_cfg) -> tuple:
     return tuple((axis, None) for axis in model_lib._axis_sizes(model_cfg))
+
+
+def test_find_node_wants_exactly_one(smoke_workdir, node):
+    assert export.find_node(smoke_workdir, node[:12]).endswith(os.path.join("runs", node))
+    with pytest.raises(ValueError, match=r"--node='finetune': matches several nodes"):
+        export.find_node(smoke_workdir, "finetune")
+    with pytest.raises(ValueError, match=r"--node='nothing': matches no node"):
+        export.find_node(smoke_workdir, "nothing")
+
+
+def test_init_params_offline_hub_id(tmp_path):
+    cfg = default.get_config("smoke")
+    with pytest.raises(OSError, match="neither a local directory nor downloadable"):
+        hf.init_params("no-such-org/no-such-model", cfg.model, _one_device_mesh(), cfg.rules)
