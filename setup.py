@@ -9,22 +9,41 @@ CORE = [
     "orbax-checkpoint>=0.11",
     "grain>=0.2.12",
     "ml_collections>=1.0",
-    "clu>=0.0.12",
     "absl-py",
+    "etils[epath,epath-gcs]",  # run directories on local disk or gs:// (gcsfs)
     "numpy",
+    "scipy",
     "matplotlib",
     "tokenizers>=0.20",
+    "huggingface_hub",
     "pyarrow",
+    "pyyaml",
+    "tensorboardX>=2.6",  # TensorBoard event protos without TensorFlow
 ]
 
 EXTRAS = {
-    "tf": ["tensorflow-cpu", "tensorboard"],
-    "tfds": ["tensorflow-datasets", "array-record"],
-    "seqio": ["seqio"],
-    "hf": ["torch==2.13.0", "transformers>=4.45", "safetensors", "datasets", "sentencepiece"],
+    "tf": ["tensorflow-cpu>=2.16,<3"],
+    "tfds": ["tensorflow-cpu>=2.16,<3", "tensorflow-datasets>=4.9", "array-record>=0.5"],
+    "seqio": ["tensorflow-cpu>=2.16,<3", "seqio>=0.0.19"],
+    "hf": [
+        "torch>=2.4,<3",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "datasets>=2.19",
+        "sentencepiece",
+    ],
     "xm": ["xmanager"],
     "cuda": ["jax[cuda12]"],
-    "dev": ["pytest", "pytest-xdist", "chex", "nbclient", "nbformat", "ipykernel", "ruff"],
+    "dev": [
+        "pytest",
+        "pytest-xdist",
+        "chex",
+        "nbclient",
+        "nbformat",
+        "ipykernel",
+        "tensorboard>=2.16",  # its event loader checks the event files in tests
+        "ruff",
+    ],
 }
 
 setuptools.setup(

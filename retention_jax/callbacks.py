@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from retention_jax import checkpoint, data, fileio, perf
+from retention_jax import checkpoint, data, fileio, perf, tensorboard
 
 
 @dataclasses.dataclass
@@ -122,10 +122,11 @@ def check_finite(step: int, metrics: dict, last_good: int | None = None) -> None
 
 
 class MetricsLog:
-    """metrics.jsonl always, clu/TensorBoard when TensorFlow is installed; process 0 only.
+    """metrics.jsonl and TensorBoard event files (no TensorFlow needed); process 0 only.
 
     Lines are kept and the file rewritten whole at each checkpoint (remote stores do
-    not append); after a resume, lines past the resumed step are dropped.
+    not append); after a resume, lines and events past the resumed step are dropped, so
+    both views hold each step once.
     """
 
     def __init__(self, run_dir: str, resumed_step: int):
@@ -136,25 +137,22 @@ class MetricsLog:
         self.lines = [x for x in lines if json.loads(x)["step"] <= resumed_step]
         self.writer = None
         if self.enabled:
-            try:
-                from clu import metric_writers  # imports TensorFlow
-
-                self.writer = metric_writers.create_default_writer(run_dir, asynchronous=False)
-            except ImportError:
-                pass
+            self.writer = tensorboard.SummaryWriter(run_dir, start_step=resumed_step)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         self.lines.append(json.dumps({"step": step, **scalars}))
-        if self.writer is not None:
-            self.writer.write_scalars(step, scalars)
+        self.writer.write_scalars(step, scalars)
 
     def flush(self) -> None:
         if self.enabled:
             fileio.write_text(self.path, "".join(x + "\n" for x in self.lines))
-        if self.writer is not None:
             self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
 
 
 class TokenCount(Callback):
@@ -324,6 +322,9 @@ class Checkpointing(Callback):
     def on_end(self, trainer, info: StepInfo | None) -> None:
         if self.mngr.latest_step() != trainer.step:  # no step ran, or resumed at the end
             self.save(trainer.step, info.metrics if info else None)
+
+    def close(self) -> None:
+        self.log.close()
 
     def save(
         self,

@@ -9,6 +9,9 @@ validation loss (the stage's result under early stopping) are preserved. A child
 opens its parent's manager read-only and restores `params` alone, into its own mesh.
 """
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -16,6 +19,24 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 VAL_METRIC = "val_loss"
+# Orbax announces every read-only manager; a branch opens one per node, as designed.
+_READ_ONLY_NOTICE = "Given directory is read only=%s"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _READ_ONLY_NOTICE
+
+
+@contextlib.contextmanager
+def _quiet_read_only() -> Iterator[None]:
+    """Drops Orbax's read-only notice (and only it) while a read-only manager is built."""
+    logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotice()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def manager(path: str, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -30,12 +51,15 @@ def manager(path: str, *, read_only: bool = False) -> ocp.CheckpointManager:
             ),
         ]
     )
-    return ocp.CheckpointManager(
-        path,
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=keep, read_only=read_only, create=not read_only
-        ),
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=keep,
+        read_only=read_only,
+        create=not read_only,
+        # Orbax resets (and warns about) a save interval on read-only managers: none set.
+        **({"save_interval_steps": 0} if read_only else {}),
     )
+    with _quiet_read_only() if read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(path, options=options)
 
 
 def save(

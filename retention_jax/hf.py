@@ -8,6 +8,7 @@ rotate-half RoPE layout, so no q/k permutation is needed.
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import jax
@@ -108,6 +109,74 @@ def load_params(path: str, cfg: config.Model) -> dict:
     return params
 
 
+# Model config field -> the config.json key it is checked against (see `config_from_hf`).
+_CHECKED = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "d_mlp": "intermediate_size",
+    "tie_embeddings": "tie_word_embeddings",
+    "rope_base": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+}
+_FILES = ("config.json", "*.safetensors", _INDEX)
+
+
+def local_dir(spec: str) -> str:
+    """`spec` itself if it is a directory, else the hub snapshot of its weights and config."""
+    if os.path.isdir(spec):
+        return spec
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec, allow_patterns=list(_FILES))
+    except Exception as e:
+        raise OSError(
+            f"HF checkpoint {spec!r} is neither a local directory nor downloadable from the hub "
+            f"(no network or HF_HUB_OFFLINE=1, and not in the local HF cache) "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def check_config(path: str, model_cfg: mlc.ConfigDict, key: str = "model") -> None:
+    """Raises naming the first model field whose value the checkpoint at `path` contradicts."""
+    theirs = config_from_hf(path)
+    for field, hf_key in _CHECKED.items():
+        if theirs[field] != model_cfg[field]:
+            raise ValueError(
+                f"config key {key}.{field}={model_cfg[field]!r}: the checkpoint {path} has "
+                f"{hf_key}={theirs[field]!r}; set {key}.{field} to it or use another checkpoint"
+            )
+
+
+def init_params(
+    spec: str, model_cfg: mlc.ConfigDict, mesh: Mesh, rules: model_lib.Rules, *, seed: int = 0
+) -> nnx.State:
+    """A Hugging Face Llama checkpoint (hub id or directory) as the starting parameters of a
+    stage: the state of `model_lib.abstract_state(model_cfg, mesh, rules)`, filled in.
+
+    The checkpoint must match `model_cfg` (checked field by field). LoRA adapters, which a
+    base checkpoint lacks, are initialised from `seed` as in a fresh model.
+    """
+    path = local_dir(spec)
+    check_config(path, model_cfg)
+    _, abstract = model_lib.abstract_state(model_cfg, mesh, rules)
+    state = jax.tree.map(lambda a: a, abstract)  # a copy to fill in
+    nnx.replace_by_pure_dict(state, load_params(path, model_cfg))
+    state = jax.tree.map(
+        lambda a, s: a if isinstance(a, jax.ShapeDtypeStruct) else jax.device_put(a, s.sharding),
+        state,
+        abstract,
+    )
+    if model_cfg.lora.rank > 0:
+        fresh = nnx.state(model_lib.create(model_cfg, mesh, rules, seed), model_lib.LoRAParam)
+        state = nnx.merge_state(state, fresh)
+    return state
+
+
 def load_model(path: str, mesh: Mesh, rules: model_lib.Rules) -> model_lib.Transformer:
     """A sharded model holding the checkpoint's weights (no random init is run)."""
     cfg = config_from_hf(path)
@@ -191,3 +260,76 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
             "hub (no network or HF_HUB_OFFLINE=1, and not in the local HF cache); pass a "
             f"directory holding tokenizer.json instead ({type(e).__name__}: {e})"
         ) from e
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def save_tokenizer(spec: str, out_dir: str) -> list[str]:
+    """Writes the HF tokenizer files of a `data.tokenizer` spec into `out_dir`; their names.
+
+    `hf:` tokenizers are copied; the built-in `byte` tokenizer is written as an equivalent
+    byte-level BPE with no merges (ids 0 pad, 1 EOS, 2 + byte), so `AutoTokenizer` gives
+    the ids the model was trained on.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if spec == "byte":
+        return _save_byte_tokenizer(out_dir)
+    scheme, _, name = spec.partition(":")
+    if scheme != "hf":
+        raise ValueError(
+            f"config key data.tokenizer={spec!r}: export writes tokenizer files for 'byte' and "
+            "'hf:HUB_ID_OR_DIR' tokenizers only"
+        )
+    if not os.path.isdir(name):
+        from huggingface_hub import snapshot_download
+
+        name = snapshot_download(name, allow_patterns=list(_TOKENIZER_FILES))
+    written = []
+    for file in _TOKENIZER_FILES:
+        if os.path.exists(os.path.join(name, file)):
+            shutil.copyfile(os.path.join(name, file), os.path.join(out_dir, file))
+            written.append(file)
+    if "tokenizer.json" not in written:
+        raise FileNotFoundError(f"config key data.tokenizer={spec!r}: no tokenizer.json in {name}")
+    return written
+
+
+def _byte_chars() -> dict[int, str]:
+    """Byte -> printable character, the byte-level BPE alphabet (printable bytes map to
+    themselves, the others to code points from 256 up, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return chars
+
+
+def _save_byte_tokenizer(out_dir: str) -> list[str]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from retention_jax.data.tokenizer import ByteTokenizer
+
+    pad, eos = "<pad>", "<eos>"
+    vocab = {pad: ByteTokenizer.pad_id, eos: ByteTokenizer.eos_id}
+    vocab.update({c: b + 2 for b, c in _byte_chars().items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([pad, eos])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": pad,
+        "eos_token": eos,
+        "model_max_length": 8192,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return ["tokenizer.json", "tokenizer_config.json"]

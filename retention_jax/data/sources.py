@@ -9,14 +9,18 @@
                           present, else files whose path names the split); a hub id is
                           streamed with `datasets` (never fully downloaded), as is a local
                           directory with option use_datasets=True.
-  tfds:NAME[:SPLIT]       a TFDS ArrayRecord data source (tfds extra), option data_dir
-  seqio:TASK_OR_MIXTURE   the raw examples of a seqio Task or Mixture (seqio extra), option split
+  tfds:NAME[:SPLIT]       a built TFDS dataset in ArrayRecord format, read by random access
+                          (tfds extra); option data_dir
+  seqio:TASK_OR_MIXTURE   a registered seqio Task's examples after its preprocessors, or a
+                          Mixture's tasks interleaved by their rates (seqio extra); option
+                          split
 
 `c.data.<domain>.text` is a field name ("text") or a format string over fields
 ("{inputs}\n{targets}"); a missing field is an error that names it. The key of a
 document (file path and row, or generator index) decides its split (store.py).
 """
 
+import functools
 import glob
 import gzip
 import hashlib
@@ -179,33 +183,108 @@ def _tfds(arg: str, opts: dict, text: str, key: str, spec: str) -> Source:
         ) from e
     name, _, split = arg.partition(":")
     split = split or "train"
+    data_dir = opts.get("data_dir")
+    try:
+        src = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # not built, unknown name or split, not ArrayRecord
+        raise ValueError(
+            f"{key}.source={spec!r}: no ArrayRecord TFDS data for {name!r} split {split!r} "
+            f"(options.data_dir={data_dir!r}); build it with "
+            f"download_and_prepare(file_format='array_record') ({type(e).__name__}: {e})"
+        ) from e
+    info = src.dataset_info
 
     def docs():
-        src = tfds.data_source(name, split=split, data_dir=opts.get("data_dir"))
         for i in range(len(src)):
             yield f"{i}", _text_of(src[i], text, key, name)
 
-    fp = hashlib.blake2b(json.dumps(["tfds", name, split]).encode(), digest_size=8).hexdigest()
-    return Source(spec, fp, docs)
+    identity = ["tfds", info.full_name, split, len(src)]
+    return Source(spec, fileio.digest(identity, 8), docs)
+
+
+def _describe(fn) -> str:
+    """A stable name for a preprocessor (no memory addresses): module.qualname(+kwargs)."""
+    if isinstance(fn, functools.partial):
+        args = json.dumps([list(map(repr, fn.args)), {k: repr(v) for k, v in fn.keywords.items()}])
+        return f"{_describe(fn.func)}{args}"
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def interleave(rates: list[float]) -> Iterator[int]:
+    """Which of len(rates) streams supplies each next item, so that every prefix of n items
+    holds each stream's share n * rate / sum(rates) to within one item (smooth weighted
+    round robin; ties go to the earlier stream). Deterministic and unbounded."""
+    total = float(sum(rates))
+    credit = [0.0] * len(rates)
+    while True:
+        for i, r in enumerate(rates):
+            credit[i] += r
+        pick = max(range(len(rates)), key=lambda i: (credit[i], -i))
+        credit[pick] -= total
+        yield pick
+
+
+def _seqio_records(task, split: str) -> Iterator[dict]:
+    """A Task's examples after all its preprocessors, token fields decoded back to text
+    with the task's own vocabulary (the project's tokenizer encodes them again)."""
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
+    for rec in ds.as_numpy_iterator():
+        out = dict(rec)
+        for field, feature in task.output_features.items():
+            v = out.get(field)
+            if v is not None and getattr(v, "dtype", None) is not None and v.dtype.kind in "iu":
+                out[field] = feature.vocabulary.decode(v.tolist())
+        yield out
 
 
 def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
+    """A seqio Task, or a Mixture whose tasks are interleaved by their rates.
+
+    A Mixture's documents come in the order `interleave(rates)` gives, ending when its
+    first task runs out, so every prefix has the mixture's composition. Prepared stores
+    read a source in order until full (store.py), so the rates decide the document
+    composition of the domain's store; the stage plans then mix domains, not tasks.
+    """
     try:
         import seqio
     except ImportError as e:
         raise ValueError(f"{key}.source={spec!r}: needs seqio (pip install .[seqio])") from e
     split = opts.get("split", "train")
+    try:
+        provider = seqio.get_mixture_or_task(name)
+    except ValueError as e:
+        raise ValueError(
+            f"{key}.source={spec!r}: no seqio Task or Mixture {name!r} is registered "
+            "(import the module that registers it first)"
+        ) from e
+    if isinstance(provider, seqio.Mixture):
+        tasks = list(provider.tasks)
+        rates = [float(provider.get_rate(t)) for t in tasks]
+    else:
+        tasks, rates = [provider], [1.0]
+    for t in tasks:
+        if split not in t.splits:
+            raise ValueError(
+                f"{key}.options.split={split!r}: not a split of seqio task {t.name!r}; "
+                f"allowed: {sorted(t.splits)}"
+            )
 
     def docs():
-        task = seqio.get_mixture_or_task(name)
-        tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
-        for t in tasks:  # a Mixture contributes its tasks in order; the plan does the mixing
-            ds = t.source.get_dataset(split=split, shuffle=False)
-            for i, rec in enumerate(ds.as_numpy_iterator()):
-                yield f"{t.name}:{i}", _text_of(rec, text, key, t.name)
+        streams = [enumerate(_seqio_records(t, split)) for t in tasks]
+        for pick in interleave(rates):
+            item = next(streams[pick], None)
+            if item is None:
+                return
+            i, rec = item
+            yield f"{tasks[pick].name}:{i}", _text_of(rec, text, key, tasks[pick].name)
 
-    fp = hashlib.blake2b(json.dumps(["seqio", name, split]).encode(), digest_size=8).hexdigest()
-    return Source(spec, fp, docs)
+    identity = [
+        "seqio",
+        name,
+        split,
+        [[t.name, r, [_describe(p) for p in t.preprocessors]] for t, r in zip(tasks, rates)],
+    ]
+    return Source(spec, fileio.digest(identity, 8), docs)
 
 
 def check(domain: "config.Domain", key: str) -> None:

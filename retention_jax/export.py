@@ -1,0 +1,74 @@
+r"""A finished node's result as a Hugging Face Llama directory.
+
+  python -m retention_jax.export --workdir=/tmp/smoke --node=finetune-3f2a --out=/tmp/hf
+
+Writes model.safetensors and config.json of the node's result step (the best step under
+early stopping, else the last; LoRA adapters merged) and the tokenizer files of its data
+config, so that `LlamaForCausalLM.from_pretrained(out)` and `AutoTokenizer` load it.
+`--node` is a run id or a prefix of exactly one. The parameters are restored on one
+device, replicated.
+"""
+
+import os
+
+import jax
+import ml_collections as mlc
+from absl import app, flags
+from etils import epath
+from jax.sharding import AxisType
+
+from retention_jax import checkpoint, hf, stage
+from retention_jax import model as model_lib
+
+
+def find_node(workdir: str, node: str) -> str:
+    """The run directory of the node whose id is `node` or starts with it (exactly one)."""
+    runs = epath.Path(workdir) / "runs"
+    ids = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+    matches = [i for i in ids if i == node] or [i for i in ids if i.startswith(node)]
+    if len(matches) != 1:
+        raise ValueError(
+            f"--node={node!r}: {'matches several nodes' if matches else 'matches no node'} "
+            f"in {runs}; ids: {matches or ids}"
+        )
+    return os.path.join(workdir, "runs", matches[0])
+
+
+def result_params(run_dir: str) -> tuple[mlc.ConfigDict, dict, object]:
+    """(model config, identity, parameters of the result step) of a finished run."""
+    record = stage.read_json(os.path.join(run_dir, "config.json"))
+    result = stage.read_result(run_dir)
+    if record is None or result is None:
+        raise ValueError(f"{run_dir}: not a finished node (config.json and result.json needed)")
+    identity = record["identity"]
+    model_cfg = mlc.ConfigDict(identity["model"])
+    mesh = jax.make_mesh((1,), ("replica",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    rules = tuple((axis, None) for axis in model_lib._axis_sizes(model_cfg))
+    _, target = model_lib.abstract_state(model_cfg, mesh, rules)
+    params = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), result["result_step"], target)
+    return model_cfg, identity, params
+
+
+def export_node(workdir: str, node: str, out_dir: str) -> str:
+    """Writes the node's result step to `out_dir` (weights, config, tokenizer); returns it."""
+    run_dir = find_node(workdir, node)
+    model_cfg, identity, params = result_params(run_dir)
+    hf.export(params, model_cfg, out_dir)
+    hf.save_tokenizer(identity["data"]["tokenizer"], out_dir)
+    return out_dir
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's work directory.")
+_NODE = flags.DEFINE_string("node", None, "A run id, or a prefix of exactly one.")
+_OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face files.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    out = export_node(_WORKDIR.value, _NODE.value, _OUT.value)
+    print(f"wrote {sorted(os.listdir(out))} to {out}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "node", "out"])
+    app.run(main)
