@@ -141,7 +141,7 @@ def local_dir(spec: str) -> str:
         ) from e
 
 
-def check_config(path: str, model_cfg: mlc.ConfigDict, key: str = "model") -> None:
+def check_config(path: str, model_cfg: config.Model, key: str = "model") -> None:
     """Raises naming the first model field whose value the checkpoint at `path` contradicts."""
     theirs = config_from_hf(path)
     for field, hf_key in _CHECKED.items():
@@ -153,7 +153,7 @@ def check_config(path: str, model_cfg: mlc.ConfigDict, key: str = "model") -> No
 
 
 def init_params(
-    spec: str, model_cfg: mlc.ConfigDict, mesh: Mesh, rules: model_lib.Rules, *, seed: int = 0
+    spec: str, model_cfg: config.Model, mesh: Mesh, rules: model_lib.Rules, *, seed: int = 0
 ) -> nnx.State:
     """A Hugging Face Llama checkpoint (hub id or directory) as the starting parameters of a
     stage: the state of `model_lib.abstract_state(model_cfg, mesh, rules)`, filled in.

