@@ -1,9 +1,12 @@
 """The XManager launcher's plan: one job per node, in stage waves (no XManager needed)."""
 
+import functools
 import importlib.util
 import os
 import shlex
 import subprocess
+
+import pytest
 
 from configs import default
 from retention_jax import experiment
@@ -11,16 +14,71 @@ from retention_jax import experiment
 _PATH = os.path.join(os.path.dirname(__file__), "..", "xm_launch", "launch.py")
 
 
-def test_waves_follow_the_graph():
+@functools.cache
+def _launch():
+    """xm_launch/launch.py, loaded once (its absl flags can be defined only once)."""
     spec = importlib.util.spec_from_file_location("launch", _PATH)
     launch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch)
+    return launch
+
+
+def test_waves_follow_the_graph():
+    launch = _launch()
     c = default.get_config("smoke")
     plan = launch.waves(c)
     assert [len(w) for w in plan] == [2, 2, 4]
     nodes = {n.id: n for n in experiment.expand(c)}
     for parents, children in zip(plan, plan[1:]):
         assert {nodes[i].parent.id for i in children} == set(parents)
+
+
+def test_xm_jobs_one_per_node_in_stage_waves_then_collect():
+    launch = _launch()
+    c = default.get_config("smoke")
+    overrides = ["--config=configs/default.py:smoke", "--config.seed=3"]
+    plan = launch.jobs(c, "gs://bucket/w", overrides)
+    assert [len(w) for w in plan] == [2, 2, 4, 1]
+    for wave, ids in zip(plan, launch.waves(c)):
+        assert [j.node for j in wave] == ids
+        for j in wave:
+            assert j.args == (*overrides, "--workdir=gs://bucket/w", f"--only={j.node}")
+    assert plan[-1] == [launch.Job("", (*overrides, "--workdir=gs://bucket/w"))]
+
+
+def test_xm_image_and_requested_accelerator():
+    pytest.importorskip("xmanager")
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # xm.python_container reads a flag of its own
+    launch = _launch()
+    image = launch.packageable("TPU_V3", "python:3.11-slim").executable_spec
+    assert image.base_image == "python:3.11-slim"
+    assert image.path == os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    assert image.entrypoint.commands == ["python main.py $@"]
+    assert image.docker_instructions[-1] == (
+        "RUN pip install -q -c xm_launch/constraints.txt -e . 'jax[tpu]'"
+    )
+    assert "'.[cuda]'" in launch.docker_instructions("H100")[-1]
+    for name, count in (("TPU_V3", 8), ("H100", 8), ("A100", 1)):
+        req = launch.executor(name, count).requirements
+        assert (req.accelerator.name, req.task_requirements[req.accelerator]) == (name, count)
+    assert launch.check_accelerator("tpu_v2", 8) == "TPU_V2"
+
+
+@pytest.mark.parametrize(
+    "accelerator, count, why",
+    [
+        ("TPU_V5P", 8, "--accelerator=TPU_V5P: allowed P4, T4,"),
+        ("TPU_V5P", 8, "TPU pod slices run with xm_launch/tpu_vm.sh"),
+        ("TPU_V3", 32, "--count=32: a TPU_V3 host has 8 cores"),
+        ("H100", 0, "--count=0: allowed a positive number of H100"),
+        ("K80", 1, "--accelerator=K80: allowed"),
+    ],
+)
+def test_xm_refuses_what_vertex_cannot_give(accelerator, count, why):
+    with pytest.raises(ValueError, match=why):
+        _launch().check_accelerator(accelerator, count)
 
 
 _TPU_VM = os.path.join(os.path.dirname(__file__), "..", "xm_launch", "tpu_vm.sh")

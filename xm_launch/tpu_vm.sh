@@ -6,8 +6,8 @@
 #   bash xm_launch/tpu_vm.sh rj-1b us-east5-a v5p-64 configs/paper_1b.py:musicpile-chempile gs://b/1b
 #
 # Creates the slice if it does not exist, copies this checkout and a run script to every
-# host, installs Python >= 3.11 if the image lacks it and the package with the versions
-# in xm_launch/tpu_vm.sh's constraints, and starts main.py on all hosts at once, detached
+# host, installs Python >= 3.11 if the image lacks it and the package within the versions
+# of xm_launch/constraints.txt, and starts main.py on all hosts at once, detached
 # (setsid nohup), logging to ~/rj/<NAME>.<host>.log on each host. It then polls: when the
 # slice is preempted (state PREEMPTED/TERMINATED, or it vanished) it recreates the slice
 # and reruns the same command, which resumes (finished nodes are skipped, a killed node
@@ -23,20 +23,6 @@ version=${TPU_SOFTWARE_VERSION:-v2-alpha-tpuv5}
 poll_s=${TPU_VM_POLL_S:-120}
 max_failures=${TPU_VM_MAX_FAILURES:-2}
 dry=${TPU_VM_DRY_RUN:-0}
-
-# Versions this project is tested with; ranges stay within the tested minor release.
-CONSTRAINTS='jax>=0.10.2,<0.11
-jaxlib>=0.10.2,<0.11
-flax>=0.12.8,<0.13
-optax>=0.2.8,<0.3
-orbax-checkpoint>=0.12.8,<0.13
-grain>=0.2.18,<0.3
-ml_collections>=1.1,<1.2
-clu==0.0.12
-etils>=1.15
-gcsfs>=2026.4
-numpy>=2,<3
-tokenizers>=0.20,<1'
 
 # gcloud, or its command line printed (each word shell-quoted) in a dry run.
 g() {
@@ -98,7 +84,7 @@ stage_files() {
   root=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
   git -C "$root" archive --format=tar.gz -o "$dir/src.tar.gz" HEAD
   run_script "$@" > "$dir/run.sh"
-  printf '%s\n' "$CONSTRAINTS" > "$dir/constraints.txt"
+  cp "$root/xm_launch/constraints.txt" "$dir/constraints.txt"
 }
 
 launch() {
