@@ -50,8 +50,8 @@ class Owner:
     pid: int
     heartbeat: float  # unix seconds of the last refresh
 
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.heartbeat
+    def age(self) -> float:
+        return time.time() - self.heartbeat
 
     def describe(self) -> str:
         return (
@@ -275,3 +275,31 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def acquire_for_job(run_dir: str, *, timeout_s: float = 600.0) -> RunLock | None:
+    """Takes the lock for a whole (multi-process) job: process 0 owns it, and every
+    process raises `RunLocked` together when it is taken, so none trains alone.
+
+    Returns the held lock on process 0 and None on the others. A collective: call it
+    on every process at the same point.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return RunLock(run_dir, timeout_s=timeout_s).acquire()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    held, error = None, None
+    if jax.process_index() == 0:
+        try:
+            held = RunLock(run_dir, timeout_s=timeout_s).acquire()
+        except RunLocked as e:
+            error = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(held is not None))):  # process 0's
+        return held
+    if error is not None:
+        raise error
+    owner = read_owner(run_dir)  # the run directory is shared: every process can read it
+    raise RunLocked(f"{run_dir} is locked by {owner.describe() if owner else 'another job'}")

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from retention_jax import lock
+
 pytestmark = pytest.mark.slow
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -178,3 +180,50 @@ def test_killed_and_restarted_pair_equals_the_uninterrupted_run(runs):
         assert b["tokens"] == a["tokens"] and b["post_steps"] == a["post_steps"]
     with open(f"{runs['killed']}.log.0") as f:
         assert "resumed at step" in f.read()
+
+
+_LOCK_JOB = """
+import os, sys
+import jax
+from retention_jax import lock, sharding
+sharding.initialize_distributed()
+try:
+    lock.acquire_for_job(sys.argv[1])
+    print("acquired", flush=True)
+except lock.RunLocked as e:
+    print("locked:", e, flush=True)
+held = lock.acquire_for_job(sys.argv[2])
+print("owner" if held else "member", lock.read_owner(sys.argv[2]).pid, flush=True)
+jax.experimental.multihost_utils.sync_global_devices("checked")
+if held:
+    held.release()
+"""
+
+
+def test_a_job_takes_a_run_lock_on_process_0_and_fails_together(tmp_path):
+    taken, free = str(tmp_path / "taken"), str(tmp_path / "free")
+    port = _free_port()
+    with lock.RunLock(taken):
+        procs = []
+        for i in range(2):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+            env.update(
+                PYTHONPATH=_ROOT,
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            )
+            cmd = [sys.executable, "-c", _LOCK_JOB, taken, free]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        outs = [
+            [x for x in p.communicate(timeout=300)[0].splitlines() if not x.startswith("[Gloo]")]
+            for p in procs
+        ]
+    assert [p.returncode for p in procs] == [0, 0]
+    pid0 = procs[0].pid
+    for out in outs:  # both processes refuse the taken directory, naming this test's pid
+        assert out[0].startswith(f"locked: {taken} is locked by owner "), out
+        assert f"pid {os.getpid()}," in out[0]
+    assert outs[0][1] == f"owner {pid0}" and outs[1][1] == f"member {pid0}"
+    assert os.listdir(free) == []  # released by process 0
