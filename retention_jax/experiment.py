@@ -21,9 +21,10 @@ from collections.abc import Iterable, Sequence
 import jax
 import ml_collections as mlc
 from etils import epath
+from jax.experimental import multihost_utils
 
 from retention_jax import callbacks as cb
-from retention_jax import config, data, fileio, results, stage
+from retention_jax import config, data, fileio, lock, preflight, results, stage
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
@@ -31,6 +32,7 @@ from retention_jax import runtime as runtime_lib
 DATA_NOT_IDENTITY = ("workers", "cache_dir")
 RESULTS = "results.jsonl"
 FAILED = "failed.json"
+CHECKPOINTS_KEPT = 2  # per run: the latest and the one before it (or the best step)
 
 
 class GraphFailed(RuntimeError):
@@ -240,6 +242,9 @@ def run(
     rt = rt or runtime_lib.Runtime.create(nodes[0].exp.mesh, nodes[0].exp.rules)
     runs = {n.id: os.path.join(workdir, "runs", n.id) for n in nodes}
     pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
+    if pending:  # before any tokenization or compile
+        params = max(model_lib.count_params(n.exp.model) for n in pending)
+        preflight.check(workdir, params=params, keep=CHECKPOINTS_KEPT, nodes=len(pending))
     pending_ids = {n.id for n in pending}
     corpora: dict[str, data.Corpus] = {}
     failures: dict[str, str] = {}
@@ -271,12 +276,25 @@ def run(
             "swept": n.swept,
         }
         try:
+            held = lock.acquire_for_job(runs[n.id])
+        except lock.RunLocked as e:  # another job runs this node: leave it to that job
+            failures[n.id] = str(e)
+            print(f"{n.id} skipped: {e}", flush=True)
+            continue
+        try:
+            if held is not None:
+                held.start_heartbeat()
             result = stage.run(
                 n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks
             )
         except Exception as e:  # contained: recorded, the graph goes on
             failures[n.id] = _record_failure(runs[n.id], n, e)
             continue
+        finally:
+            if held is not None:
+                held.release()
+            if jax.process_count() > 1:  # children read result.json that process 0 wrote
+                multihost_utils.sync_global_devices(f"node {n.id}")
         if earlier is not None and jax.process_index() == 0:
             epath.Path(runs[n.id], FAILED).unlink(missing_ok=True)
         if jax.process_index() == 0:

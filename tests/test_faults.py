@@ -1,0 +1,159 @@
+"""Faults with real processes and signals: preemption, a damaged checkpoint, a second
+process on a running node, a failing node among siblings, an unwritable work directory.
+
+Each compares with the uninterrupted smoke experiment (tests/conftest.py): the same
+config gives the same node ids, so a recovered node must end bit-identical to it.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from retention_jax import callbacks, checkpoint, experiment, preflight, sharding, stage, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _node(name: str, lam: float = 0.0) -> experiment.Node:
+    nodes = experiment.expand(default.get_config("smoke"))
+    return next(n for n in nodes if n.stage == name and n.exp.pretrain.exposure.lam == lam)
+
+
+def _start(workdir: str, only: str, *flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "main.py", "--config=configs/default.py:smoke", f"--workdir={workdir}"]
+    return subprocess.Popen(
+        [*cmd, f"--only={only}", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
+    """Lines of `proc`'s output up to the first that matches `pattern`."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    proc.kill()
+    raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines[-30:])}")
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _params(run_dir: str, step: int, node: experiment.Node):
+    e = node.exp
+    fns = trainer.step_functions(
+        e.model_for(node.stage), e.stage(node.stage).optimizer, sharding.make_mesh(e.mesh), e.rules
+    )
+    ckpt = os.path.join(run_dir, "ckpt")
+    return jax.device_get(checkpoint.restore_params(ckpt, step, fns.state_shapes.params))
+
+
+def _same_result(smoke_workdir: str, workdir: str, node: experiment.Node) -> None:
+    a, b = (stage.read_result(os.path.join(w, "runs", node.id)) for w in (smoke_workdir, workdir))
+    for key in ("val", "tokens", "steps", "result_step", "evals", "stopped_early"):
+        assert a[key] == b[key], key
+    pa, pb = (
+        _params(os.path.join(w, "runs", node.id), a["result_step"], node)
+        for w in (smoke_workdir, workdir)
+    )
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_a_damaged_latest_step_falls_back(smoke_workdir, tmp_path):
+    """SIGTERM: the stage saves at the next step boundary and exits 75. The latest step
+    is then damaged; the rerun restores the one before and ends bit-identical."""
+    node = _node("pretrain")
+    workdir = str(tmp_path / "w")
+    proc = _start(workdir, node.id, "--config.ckpt.every=4")
+    _wait_for(proc, rf"{node.id} step 8/")
+    proc.send_signal(signal.SIGTERM)
+    rc, out = _finish(proc)
+    assert rc == callbacks.EXIT_PREEMPTED, out[-3000:]
+    step = int(re.search(r"preempted: checkpointed step (\d+)", out).group(1))
+    run_dir = os.path.join(workdir, "runs", node.id)
+    mngr = checkpoint.manager(os.path.join(run_dir, "ckpt"))
+    steps = mngr.all_steps()
+    assert step >= 8 and mngr.latest_step() == step and stage.read_result(run_dir) is None
+    previous = max(s for s in steps if s < step)
+    assert previous == 4 * ((step - 1) // 4)  # the periodic save before the preemption
+    for root, _, files in os.walk(os.path.join(run_dir, "ckpt", str(step), "params")):
+        for f in files:  # truncate every parameter file of the latest step
+            open(os.path.join(root, f), "w").close()
+
+    rc, out = _finish(_start(workdir, node.id))
+    assert rc == 0, out[-3000:]
+    assert f"step {step} cannot be restored" in out and f"resumed at step {previous}" in out
+    _same_result(smoke_workdir, workdir, node)
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_running_node_is_refused(smoke_workdir, tmp_path):
+    node = _node("pretrain", 1.0)
+    workdir = str(tmp_path / "w")
+    first = _start(workdir, node.id)
+    _wait_for(first, rf"{node.id} step 8/")
+    rc, out = _finish(_start(workdir, node.id))
+    assert rc == 1 and "is locked by owner" in out and "skipped" in out, out[-3000:]
+    rc, out = _finish(first)
+    assert rc == 0, out[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "runs", node.id, "LOCK"))
+    _same_result(smoke_workdir, workdir, node)
+
+
+@pytest.mark.slow
+def test_failing_node_is_recorded_and_its_siblings_finish(smoke_workdir, tmp_path):
+    post = _node("posttrain")
+    for n in (post.parent, post):  # finished parents, as a rerun would find them
+        shutil.copytree(os.path.join(smoke_workdir, "runs", n.id), tmp_path / "runs" / n.id)
+    c = default.get_config("smoke")
+    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0,)))
+    leaves = [n for n in experiment.expand(c) if n.stage == "finetune"]
+    injected = callbacks.RaiseAt(2, FloatingPointError("non-finite loss=nan (injected)"), times=1)
+    with pytest.raises(experiment.GraphFailed) as e:
+        experiment.run(c, str(tmp_path), extra_callbacks=[injected])
+    assert list(e.value.failures) == [leaves[0].id]
+    record = json.loads((tmp_path / "runs" / leaves[0].id / experiment.FAILED).read_text())
+    assert record["error"] == "FloatingPointError: non-finite loss=nan (injected)"
+    assert record["last_checkpoint_step"] is None  # the fine-tuning stage saves at its end
+    assert stage.read_result(str(tmp_path / "runs" / leaves[1].id)) is not None
+    assert e.value.rows and {r["run_id"] for r in e.value.rows} == {leaves[1].id}
+
+    with pytest.raises(experiment.GraphFailed, match="not retried"):
+        experiment.run(c, str(tmp_path))  # a failed node is not rerun by default
+    rows = experiment.run(c, str(tmp_path), retry_failed=True)
+    assert {r["run_id"] for r in rows} == {n.id for n in leaves}
+    assert not (tmp_path / "runs" / leaves[0].id / experiment.FAILED).exists()
+    want = [json.loads(x) for x in open(os.path.join(smoke_workdir, experiment.RESULTS))]
+    got = {r["run_id"]: r for r in rows}
+    for r in want:
+        if r["run_id"] in got:
+            assert got[r["run_id"]]["L_ret"] == r["L_ret"]
+
+
+def test_unwritable_workdir_is_refused_before_tokenizing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the work directory's parent should be")
+    with pytest.raises(preflight.PreflightError, match="is not writable"):
+        experiment.run(default.get_config("smoke"), str(blocker / "w"))
+    assert not (tmp_path / "file.d").exists() and blocker.read_text().startswith("a file")
