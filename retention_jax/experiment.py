@@ -287,6 +287,8 @@ def run(
             result = stage.run(
                 n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks
             )
+        except cb.Preempted:  # not a failure: the rerun resumes
+            raise
         except Exception as e:  # contained: recorded, the graph goes on
             failures[n.id] = _record_failure(runs[n.id], n, e)
             continue

@@ -144,7 +144,8 @@ def test_failing_node_is_recorded_and_its_siblings_finish(smoke_workdir, tmp_pat
     rows = experiment.run(c, str(tmp_path), retry_failed=True)
     assert {r["run_id"] for r in rows} == {n.id for n in leaves}
     assert not (tmp_path / "runs" / leaves[0].id / experiment.FAILED).exists()
-    want = [json.loads(x) for x in open(os.path.join(smoke_workdir, experiment.RESULTS))]
+    with open(os.path.join(smoke_workdir, experiment.RESULTS)) as f:
+        want = [json.loads(x) for x in f]
     got = {r["run_id"]: r for r in rows}
     for r in want:
         if r["run_id"] in got:
