@@ -29,6 +29,7 @@ def _optimizer(**kw) -> dict:
         eps=1e-8,
         clip_norm=1.0,
         decay_exclude=("norm",),  # parameters whose path names one of these do not decay
+        microbatches=1,  # gradient accumulation steps inside one step; batch stays global
     )
     opt.update(kw)
     return opt

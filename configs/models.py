@@ -26,7 +26,10 @@ def _model(**kw) -> mlc.ConfigDict:
             param_dtype="float32",
             dtype="float32",  # compute dtype: float32 | bfloat16
             remat="none",  # none | full | dots
-            scan_layers=True,
+            scan_layers=True,  # lax.scan over the stacked layers; False: a Python loop
+            scan_unroll=0,  # layers per scan iteration; 0 = auto (all on CPU, 1 elsewhere)
+            attention="auto",  # auto | einsum | xla | cudnn | splash (model.attention_impl)
+            loss_chunk=0,  # positions per cross-entropy chunk; 0 = all logits at once
             dropout=dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0),
             lora=dict(rank=0, alpha=128.0, dropout=0.0, targets=("o", "gate", "up", "down")),
         )

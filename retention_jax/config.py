@@ -85,6 +85,12 @@ def _batch(cfg, key: str, path: str, rows: int) -> None:
 
 def _optimizer(s: mlc.ConfigDict, path: str, rows: int) -> None:
     _batch(s, "batch", path, rows)
+    if (s.batch // rows) % _int(s, "microbatches", path):
+        _fail(
+            f"{path}.microbatches",
+            s.microbatches,
+            f"a divisor of batch/(data×fsdp)={s.batch // rows}",
+        )
     _num(s, "lr", path, 0, 1, open_low=True)
     _num(s, "min_lr", path, 0, s.lr)
     _int(s, "warmup_steps", path, 0)
