@@ -326,7 +326,8 @@ def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     """TPU Pallas splash attention (causal, segment ids), vmapped over rows.
 
     Under a mesh the kernel runs per shard (shard_map: rows over data×fsdp, heads over
-    tensor), since a Pallas call cannot be partitioned automatically.
+    tensor), since a Pallas call cannot be partitioned automatically. Off TPU the kernel
+    runs in the Pallas interpreter: slow, but it lets a CPU test check the numerics.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -336,7 +337,9 @@ def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     tensor = mesh.shape["tensor"] if "tensor" in axes else 1
     local_heads = H // tensor
     mask = splash.MultiHeadMask([splash.CausalMask((L, L))] * local_heads)
-    kernel = splash.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1)
+    kernel = splash.make_splash_mha(
+        mask=mask, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+    )
 
     def run(q, k, v, seg):  # (b, L, h, E) per shard; the kernel takes heads first
         heads_first = lambda a: a.transpose(0, 2, 1, 3)

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from configs import base, models
+from retention_jax import config, sharding, train
 from retention_jax import model as model_lib
-from retention_jax import sharding, train
 
 # Tiny config, seed 0, the batch below, pretrain optimizer with 100 total steps.
 GOLDEN_LOSSES = [6.269769, 6.233201, 6.16709]
@@ -137,3 +137,65 @@ def test_1b_compiles_ahead_of_time_on_eight_devices():
         f"1B AOT compile {seconds:.1f}s; per-device args {mem.argument_size_in_bytes / gib:.2f}"
         f" GiB, temp {mem.temp_size_in_bytes / gib:.2f} GiB"
     )
+
+
+def _one_step(mesh_sizes, microbatches, batch=8, length=64, model_overrides=None):
+    """(metrics, params) after one step from seed 0, compiled with `microbatches`."""
+    c = base.get_config()
+    c.pretrain.microbatches = microbatches
+    c.model.update(model_overrides or {})
+    n = int(np.prod(list(mesh_sizes.values())))
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:n])
+    steps = train.steps_for(c.model, c.pretrain, mesh, c.rules)
+    state = train.init_state(
+        steps, nnx.state(model_lib.create(c.model, mesh, c.rules, 0)), c.pretrain, 100
+    )
+    host = _batch(batch, length)
+    host["segment_ids"][0, 5:] = 0  # uneven real-token counts across microbatches
+    data = {k: jax.device_put(v, steps.batch_sharding) for k, v in host.items()}
+    exe, _ = steps.compile_train(
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in data.items()}
+    )
+    state, m = exe(state, data, jax.random.PRNGKey(0))
+    return jax.device_get(m), jax.device_get(state.params), exe
+
+
+@pytest.mark.parametrize(
+    "mesh_sizes, microbatches",
+    [(dict(data=1, fsdp=1, tensor=1), 4), (dict(data=2, fsdp=2, tensor=1), 2)],
+)
+def test_accumulated_step_equals_full_batch(mesh_sizes, microbatches):
+    """Token-weighted accumulation is the full batch's mean-loss gradient: one update."""
+    full, p_full, _ = _one_step(mesh_sizes, 1)
+    acc, p_acc, _ = _one_step(mesh_sizes, microbatches)
+    assert acc["tokens"] == full["tokens"] == 8 * 64 - 32 - 59
+    np.testing.assert_allclose(acc["loss"], full["loss"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(acc["grad_norm"], full["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p_acc), jax.tree.leaves(p_full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_accumulation_shrinks_compiled_memory():
+    temp = {}
+    for n in (1, 4):
+        exe = _one_step(dict(data=1, fsdp=1, tensor=1), n, batch=16, length=256)[2]
+        temp[n] = exe.memory_analysis().temp_size_in_bytes
+    assert temp[4] < 0.5 * temp[1], temp
+
+
+def test_chunked_loss_step_matches_golden():
+    metrics, _, _ = _one_step(
+        dict(data=1, fsdp=1, tensor=1), 1, model_overrides=dict(loss_chunk=16)
+    )
+    reference, _, _ = _one_step(dict(data=1, fsdp=1, tensor=1), 1)
+    np.testing.assert_allclose(metrics["loss"], reference["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], reference["grad_norm"], rtol=1e-5)
+
+
+def test_microbatches_must_divide_rows():
+    c = base.get_config()
+    c.pretrain.batch, c.pretrain.microbatches = 16, 3
+    with pytest.raises(ValueError, match=r"pretrain.microbatches=3 is invalid; allowed: a divisor"):
+        config.validate(c, 8)
+    c.pretrain.microbatches = 2
+    config.validate(c, 8)
