@@ -220,20 +220,26 @@ def compare(mcfg) -> None:
         runners["torch eager"] = torch_step(mcfg, host, compiled=False)
         runners["torch.compile"] = torch_step(mcfg, host, compiled=True)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # Process CPU time too: on a loaded host it is steadier than wall time.
     times = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
     for _ in range(_REPS.value):
         for name, run in runners.items():
+            c0 = time.process_time()
             times[name].append(run(_STEPS.value))
+            cpu[name].append((time.process_time() - c0) / _STEPS.value)
     med = {name: statistics.median(t) for name, t in times.items()}
+    med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     for name, seconds in med.items():
         tp = perf.throughput(tokens, seconds, fpt, peak)
         runs = ", ".join(f"{tokens / s:,.0f}" for s in times[name])
         line = f"{name:>13}: step {seconds * 1e3:8.1f} ms  {tp['tokens_per_s']:9,.0f} tok/s"
-        line += f" (runs {runs})"
+        line += f" (runs {runs}); CPU {med_cpu[name] * 1e3:8.1f} ms/step"
         if name == "jax":
             line += f"  {tp['tflops_per_device']:.4f} TFLOP/s/device  MFU {tp['mfu']:.1%}"
         else:
-            line += f"  jax/{name} speed {seconds / med['jax']:.2f}×"
+            line += f"  jax/{name} speed {seconds / med['jax']:.2f}× wall, "
+            line += f"{med_cpu[name] / med_cpu['jax']:.2f}× CPU time"
         print(line)
     if _PROFILE.value:
         for op in top_ops(j):

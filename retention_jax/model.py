@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from retention_jax import sharding
 
 LoRAParam = nnx.LoRAParam  # a Param subclass: `nnx.LoRAParam` selects the adapters only
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
@@ -193,7 +196,7 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         B, L, D = x_BxLxD.shape
         # Tokens are flattened (T = B*L): 2-D projections run ~1.5x faster on XLA:CPU.
-        x_TxD = x_BxLxD.astype(dtype).reshape(B * L, D)
+        x_TxD = shard_rows(x_BxLxD.astype(dtype).reshape(B * L, D))
         if dropout_key is not None:
             x_TxD = _dropout(x_TxD, cfg.dropout.embed, jax.random.fold_in(dropout_key, 0))
             dropout_key = jax.random.fold_in(dropout_key, 1)
@@ -220,7 +223,22 @@ class Transformer(nnx.Module):
                 x_TxD = block(w_i, jnp.asarray(i), x_TxD, ctx, dropout_key)
 
         x_TxD = _rms_norm(x_TxD, self.final_norm[...], cfg.norm_eps)
-        return x_TxD.reshape(B, L, D)
+        return shard_rows(x_TxD.reshape(B, L, D))
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (row or token) axis to the batch mesh axes.
+
+    Without it, GSPMD may follow the fsdp-sharded weights and split activations along
+    `embed` instead, replicating every row on every device (the 1B step on fsdp=8 then
+    needs ~8x the temporary memory). Active when traced under `jax.set_mesh(mesh)`; a
+    no-op without a mesh in context.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rows = tuple(a for a in sharding.BATCH if a in mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, P(rows, *([None] * (x.ndim - 1))))
 
 
 def validate(cfg: mlc.ConfigDict) -> None:
@@ -350,8 +368,6 @@ def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
 
     if not axes:
         return run(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
-    from jax.sharding import PartitionSpec as P
-
     rows = tuple(a for a in ("data", "fsdp") if a in axes) or None
     heads = "tensor" if "tensor" in axes else None
     qkv = P(rows, None, heads, None)
@@ -421,7 +437,7 @@ def _block_fn(cfg: mlc.ConfigDict, impl: str, B: int, L: int) -> Callable:
         gate_TxF = lora("gate", h_TxD, gu_Tx2xF[:, 0])
         up_TxF = lora("up", h_TxD, gu_Tx2xF[:, 1])
         f_TxF = drop(jax.nn.silu(gate_TxF) * up_TxF, rate.mlp, _MLP)
-        return x_TxD + drop(proj("down", f_TxF), rate.resid, _RESID_MLP)
+        return shard_rows(x_TxD + drop(proj("down", f_TxF), rate.resid, _RESID_MLP))
 
     return block
 

@@ -84,9 +84,11 @@ def _forward(graphdef, params, batch, dropout_key=None):
 
 
 def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
-    """(B, L) -> (n, B/n, L), microbatch m holding rows m, m+n, m+2n, ...: each device's
-    block of rows contributes to every microbatch, so no rows move between devices."""
-    return jax.tree.map(lambda a: a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1), batch)
+    """(B, L) -> (B/n, n, L): microbatch m is [:, m], rows m, m+n, m+2n, ... The row
+    axis stays first and keeps its sharding (each device's block of rows contributes to
+    every microbatch), so taking one moves no data; a transpose here loses the sharding
+    and replicates every microbatch's activations on all devices."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] // n, n, *a.shape[1:]), batch)
 
 
 def _grads(graphdef, params, batch, key, n: int):
@@ -102,16 +104,18 @@ def _grads(graphdef, params, batch, key, n: int):
         (loss_sum, ntok), grads = value_and_grad(params, batch, key)
         return loss_sum, ntok, grads
 
-    def body(carry, xs):
+    split = _microbatches(batch, n)
+
+    def body(carry, m):
         loss_acc, tok_acc, grad_acc = carry
-        m, mb = xs
+        mb = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, 1, keepdims=False), split)
         k = None if key is None else jax.random.fold_in(key, m)
         (loss_sum, ntok), grads = value_and_grad(params, mb, k)
         return (loss_acc + loss_sum, tok_acc + ntok, jax.tree.map(jnp.add, grad_acc, grads)), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, ntok, grads), _ = jax.lax.scan(body, init, (jnp.arange(n), _microbatches(batch, n)))
+    (loss_sum, ntok, grads), _ = jax.lax.scan(body, init, jnp.arange(n))
     return loss_sum, ntok, grads
 
 

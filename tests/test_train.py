@@ -153,9 +153,13 @@ def _one_step(mesh_sizes, microbatches, batch=8, length=64, model_overrides=None
     host = _batch(batch, length)
     host["segment_ids"][0, 5:] = 0  # uneven real-token counts across microbatches
     data = {k: jax.device_put(v, steps.batch_sharding) for k, v in host.items()}
-    exe, _ = steps.compile_train(
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in data.items()}
-    )
+    with jax.set_mesh(mesh):  # activations are pinned to rows only under a mesh context
+        exe, _ = steps.compile_train(
+            {
+                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                for k, v in data.items()
+            }
+        )
     state, m = exe(state, data, jax.random.PRNGKey(0))
     return jax.device_get(m), jax.device_get(state.params), exe
 
@@ -199,3 +203,19 @@ def test_microbatches_must_divide_rows():
         config.validate(c, 8)
     c.pretrain.microbatches = 2
     config.validate(c, 8)
+
+
+def test_fsdp_activations_stay_row_sharded():
+    """On fsdp=8 each device holds 1/8 of the rows' activations, as with data=8."""
+    c = base.get_config()
+    temp = {}
+    for axis in ("data", "fsdp"):
+        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1) | {axis: 8})
+        steps = train.steps_for(c.model, c.pretrain, mesh, c.rules)
+        shape = jax.ShapeDtypeStruct((64, 256), jnp.int32, sharding=steps.batch_sharding)
+        with jax.set_mesh(mesh):
+            exe, _ = steps.compile_train(
+                dict.fromkeys(("inputs", "targets", "segment_ids", "positions"), shape)
+            )
+        temp[axis] = exe.memory_analysis().temp_size_in_bytes
+    assert temp["fsdp"] < 1.2 * temp["data"], temp
