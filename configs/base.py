@@ -32,6 +32,7 @@ def _optimizer(**kw) -> dict:
         clip_norm=1.0,
         decay_exclude=("norm",),  # parameters whose path names one of these do not decay
         allow_unreached_peak=False,  # True accepts a warmup as long as the stage itself
+        microbatches=1,  # gradient accumulation steps inside one step; batch stays global
     )
     opt.update(kw)
     return opt

@@ -19,6 +19,7 @@ DOMAINS = ("pre", "post", "ft")  # fixed order: batch["domain"] indexes it
 MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 PACKINGS = ("concat", "first_fit")
 EXPOSURE_MODES = ("add", "replace")
@@ -97,6 +98,9 @@ class Model:
     dtype: str
     remat: str
     scan_layers: bool
+    scan_unroll: int  # layers per scan iteration; 0: by backend (model.layer_unroll)
+    attention: str  # an implementation or "auto" (model.attention_impl)
+    loss_chunk: int  # positions per cross-entropy chunk; 0: all logits at once
     dropout: Dropout
     lora: Lora
 
@@ -116,6 +120,7 @@ class Optimizer:
     eps: float
     clip_norm: float
     decay_exclude: tuple[str, ...]
+    microbatches: int  # gradient accumulation inside one step; the batch stays global
     allow_unreached_peak: bool  # accept a warmup as long as the stage (the LR never peaks)
 
     def static(self) -> dict:
@@ -126,6 +131,7 @@ class Optimizer:
             "eps": self.eps,
             "clip_norm": self.clip_norm,
             "decay_exclude": self.decay_exclude,
+            "microbatches": self.microbatches,
         }
 
     def schedule(self, num_steps: int, tokens_per_step: int) -> dict:
@@ -368,9 +374,18 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
         dtype=s.choice("dtype", DTYPES),
         remat=s.choice("remat", REMAT),
         scan_layers=s.bool("scan_layers"),
+        scan_unroll=s.int("scan_unroll", 0),
+        attention=s.choice("attention", ATTENTION),
+        loss_chunk=s.int("loss_chunk", 0),
         dropout=dropout,
         lora=lora,
     )
+    if model.attention not in ("auto", "einsum") and dropout.attn > 0:
+        fail(
+            s.key("attention"),
+            model.attention,
+            f"auto | einsum while {path}.dropout.attn > 0 (attention-probability dropout)",
+        )
     s.done()
     if mesh is not None:
         for k in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
@@ -379,6 +394,11 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
         if model.d_model % mesh["fsdp"]:
             fail(s.key("d_model"), model.d_model, f"a multiple of mesh.fsdp={mesh['fsdp']}")
     return model
+
+
+def parse_optimizer(node: Any, path: str) -> Optimizer:
+    """The optimizer keys of one stage section (`pretrain`, ...), typed and validated."""
+    return _optimizer(_Section(node, path))
 
 
 def _optimizer(s: _Section) -> Optimizer:
@@ -395,6 +415,7 @@ def _optimizer(s: _Section) -> Optimizer:
         eps=s.num("eps", 0, 1, open_low=True),
         clip_norm=s.num("clip_norm", 0, math.inf, open_low=True),
         decay_exclude=s.strings("decay_exclude", "parameter-path substrings"),
+        microbatches=s.int("microbatches", 1),
         allow_unreached_peak=s.bool("allow_unreached_peak"),
     )
 
@@ -406,6 +427,17 @@ def _batch(s: _Section, key: str, rows: int, processes: int) -> int:
     if v % processes:
         fail(s.key(key), v, f"a multiple of process_count={processes}")
     return v
+
+
+def _stage_optimizer(s: _Section, batch: int, rows: int) -> Optimizer:
+    opt = _optimizer(s)
+    if (batch // rows) % opt.microbatches:
+        fail(
+            s.key("microbatches"),
+            opt.microbatches,
+            f"a divisor of batch/(data×fsdp)={batch // rows}",
+        )
+    return opt
 
 
 def _domain(s: _Section) -> Domain:
@@ -518,9 +550,8 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         fail(ex.key("window"), window, "(start, end) with 0 <= start < end <= 1")
     exposure = Exposure(ex.num("lam", 0, 1), ex.choice("mode", EXPOSURE_MODES), (a, b))
     ex.done()
-    pretrain = Pretrain(
-        s1.int("tokens", 0), _batch(s1, "batch", rows, num_processes), exposure, _optimizer(s1)
-    )
+    b1 = _batch(s1, "batch", rows, num_processes)
+    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _stage_optimizer(s1, b1, rows))
     s1.done()
     es = s2.section("early_stop")
     early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
@@ -530,18 +561,17 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         post_seed = s2.int("seed", 0)
     posttrain = Posttrain(
         seed=seed if post_seed == -1 else post_seed,
-        batch=_batch(s2, "batch", rows, num_processes),
+        batch=(b2 := _batch(s2, "batch", rows, num_processes)),
         max_tokens=s2.int("max_tokens", 0),
         dropout=s2.num("dropout", 0, 1, open_high=True),
         replay=s2.num("replay", 0, 1, open_high=True),
         compute_matched=s2.bool("compute_matched"),
         early_stop=early,
-        optimizer=_optimizer(s2),
+        optimizer=_stage_optimizer(s2, b2, rows),
     )
     s2.done()
-    finetune = Finetune(
-        s3.int("tokens", 0), _batch(s3, "batch", rows, num_processes), _optimizer(s3)
-    )
+    b3 = _batch(s3, "batch", rows, num_processes)
+    finetune = Finetune(s3.int("tokens", 0), b3, _stage_optimizer(s3, b3, rows))
     s3.done()
     ev, ck, lg = root.section("eval"), root.section("ckpt"), root.section("log")
     exp = Experiment(

@@ -21,9 +21,10 @@ def losses(
     batch: int,
 ) -> dict[str, float]:
     """Mean next-token loss per domain; one host transfer for all of them."""
-    sums = {
-        d: sum(fns.evaluate(params, b) for b in rt.eval_batches(corpus, d, batch, fns))
-        for d in domains
-    }
+    with jax.set_mesh(rt.mesh):  # compiled like the train step (model.shard_rows)
+        sums = {
+            d: sum(fns.evaluate(params, b) for b in rt.eval_batches(corpus, d, batch, fns))
+            for d in domains
+        }
     host = jax.device_get(sums)
     return {d: float(np.asarray(s)[0] / max(float(np.asarray(s)[1]), 1.0)) for d, s in host.items()}

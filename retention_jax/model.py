@@ -18,14 +18,18 @@ Shape letters: B batch, L length, T = B*L tokens, D d_model, H heads, K kv heads
 G = H/K query heads per kv head, E head_dim, F d_mlp, V vocab.
 """
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from retention_jax import config
+from retention_jax import config, sharding
 
 LoRAParam = nnx.LoRAParam  # a Param subclass: `nnx.LoRAParam` selects the adapters only
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
@@ -49,6 +53,7 @@ _REMAT = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
 }
+ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
 def _axis_sizes(cfg: config.Model) -> dict[str, int]:
@@ -133,8 +138,29 @@ class Transformer(nnx.Module):
         implementation works; RBG keys (`jax.random.key(s, impl="rbg")`) compile several
         times faster than threefry on CPU when dropout is on.
         """
+        h_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+        return h_BxLxD @ self.head_weight()
+
+    def hidden(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states (compute dtype): the loss applies the head itself."""
         x_BxLxD = self.embed[...][tokens_BxL]
-        return self.decode(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+        return self.trunk(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head (embed, vocab) in the compute dtype (the embedding when tied)."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        return (
+            self.embed[...].astype(dtype).T
+            if self.cfg.tie_embeddings
+            else self.head[...].astype(dtype)
+        )
 
     def decode(
         self,
@@ -144,98 +170,252 @@ class Transformer(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """The model from input embeddings on (embedding dropout included): gradients
-        with respect to the inputs, e.g. the causality test, need this entry point."""
+        """Logits from input embeddings on (embedding dropout included): gradients with
+        respect to the inputs, e.g. the causality test, need this entry point."""
+        h_BxLxD = self.trunk(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+        return h_BxLxD @ self.head_weight()
+
+    def trunk(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Input embeddings -> final-normed hidden states."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L, D = x_BxLxD.shape
         # Tokens are flattened (T = B*L): 2-D projections run ~1.5x faster on XLA:CPU.
-        x_TxD = x_BxLxD.astype(dtype).reshape(B * L, D)
+        x_TxD = shard_rows(x_BxLxD.astype(dtype).reshape(B * L, D))
         if dropout_key is not None:
             x_TxD = _dropout(x_TxD, cfg.dropout.embed, jax.random.fold_in(dropout_key, 0))
             dropout_key = jax.random.fold_in(dropout_key, 1)
 
-        causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-        same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-        mask_Bx1x1xLxL = (same_BxLxL & causal_LxL[None])[:, None, None]
-        # 0 where attended, the most negative float32 elsewhere: exp underflows to 0.
-        bias_Bx1x1xLxL = jnp.where(mask_Bx1x1xLxL, 0.0, jnp.finfo(jnp.float32).min)
+        impl = attention_impl(cfg, L)
+        unroll = layer_unroll(cfg)
+        _log_choice(cfg.scan_layers, unroll, impl, jax.default_backend())
         cos_TxE, sin_TxE = _rope(positions_BxL.reshape(B * L), cfg.head_dim, cfg.rope_base)
-        ctx = (bias_Bx1x1xLxL, cos_TxE.astype(dtype), sin_TxE.astype(dtype))
+        inputs = LayerInputs(
+            _mask(impl, segment_ids_BxL), cos_TxE.astype(dtype), sin_TxE.astype(dtype)
+        )
 
-        block = _block_fn(cfg)
+        block = _block_fn(cfg, impl, B, L)
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT[cfg.remat])
         w = jax.tree.map(lambda a: a.astype(dtype), self.layers.weights())
         if cfg.scan_layers:
 
             def step(x, w_and_i):
-                return block(*w_and_i, x, ctx, dropout_key), None
+                return block(*w_and_i, x, inputs, dropout_key), None
 
-            # XLA:CPU runs a scan as a while loop that zero-fills, then copies in and out,
-            # a stacked buffer for every residual the backward pass keeps (~15% of a
-            # SmolLM2-135M step); unrolled, each layer's residuals are plain buffers. On
-            # accelerators the loop stays rolled (compile time, memory scheduling).
-            unroll = cfg.n_layers if jax.default_backend() == "cpu" else 1
             x_TxD, _ = jax.lax.scan(step, x_TxD, (w, jnp.arange(cfg.n_layers)), unroll=unroll)
         else:
             for i in range(cfg.n_layers):
                 w_i = jax.tree.map(lambda a, i=i: a[i], w)
-                x_TxD = block(w_i, jnp.asarray(i), x_TxD, ctx, dropout_key)
+                x_TxD = block(w_i, jnp.asarray(i), x_TxD, inputs, dropout_key)
 
         x_TxD = _rms_norm(x_TxD, self.final_norm[...], cfg.norm_eps)
-        if cfg.tie_embeddings:
-            logits_TxV = x_TxD @ self.embed[...].astype(dtype).T
-        else:
-            logits_TxV = x_TxD @ self.head[...].astype(dtype)
-        return logits_TxV.reshape(B, L, -1)
+        return shard_rows(x_TxD.reshape(B, L, D))
 
 
-def _block_fn(cfg: config.Model) -> Callable:
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (row or token) axis to the batch mesh axes.
+
+    Without it, GSPMD may follow the fsdp-sharded weights and split activations along
+    `embed` instead, replicating every row on every device (the 1B step on fsdp=8 then
+    needs ~8x the temporary memory). Active when traced under `jax.set_mesh(mesh)`; a
+    no-op without a mesh in context.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rows = tuple(a for a in sharding.BATCH if a in mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, P(rows, *([None] * (x.ndim - 1))))
+
+
+def attention_impl(cfg: config.Model, seq_len: int) -> str:
+    """The attention implementation `auto` stands for on this backend.
+
+    CPU: the einsum path (head-major batched matmuls; measured faster than
+    `jax.nn.dot_product_attention` on XLA:CPU, benchmarks/step.py). GPU: cuDNN flash
+    attention in bf16 (it takes no fp32). TPU: the splash kernel when the length tiles
+    into its 128-wide blocks. Attention-probability dropout needs the einsum path.
+    """
+    if cfg.attention != "auto":
+        return cfg.attention
+    backend = jax.default_backend()
+    if cfg.dropout.attn > 0:
+        return "einsum"
+    if backend == "gpu":
+        return "cudnn" if cfg.dtype == "bfloat16" else "xla"
+    if backend == "tpu" and seq_len % 128 == 0:
+        return "splash"
+    return "einsum" if backend == "cpu" else "xla"
+
+
+def layer_unroll(cfg: config.Model) -> int:
+    """Layers per iteration of the layer scan (`scan_unroll`; 0 = by backend).
+
+    XLA:CPU runs a scan as a while loop that zero-fills, then copies in and out, a stacked
+    buffer for every residual the backward pass keeps (~15% of a SmolLM2-135M step);
+    unrolled, each layer's residuals are plain buffers. On accelerators the loop stays
+    rolled (compile time, memory scheduling). Without `scan_layers` the Python loop is
+    unrolled by construction.
+    """
+    if not cfg.scan_layers:
+        return cfg.n_layers
+    if cfg.scan_unroll:
+        return min(cfg.scan_unroll, cfg.n_layers)
+    return cfg.n_layers if jax.default_backend() == "cpu" else 1
+
+
+@functools.cache
+def _log_choice(scan: bool, unroll: int, impl: str, backend: str) -> None:
+    """Logs each resolved (layer loop, attention) choice once per process."""
+    loop = f"scan, {unroll} layer(s) per iteration" if scan else "Python loop (unrolled)"
+    logging.info("model on %s: layers as %s; attention %s", backend, loop, impl)
+
+
+def _mask(impl: str, segment_ids_BxL: jax.Array):
+    """What each implementation takes to keep attention causal and within a segment."""
+    if impl == "einsum":
+        L = segment_ids_BxL.shape[1]
+        causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+        same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+        mask_Bx1x1xLxL = (same_BxLxL & causal_LxL[None])[:, None, None]
+        # 0 where attended, the most negative float32 elsewhere: exp underflows to 0.
+        return jnp.where(mask_Bx1x1xLxL, 0.0, jnp.finfo(jnp.float32).min)
+    if impl in ("xla", "cudnn"):  # causality comes from is_causal
+        return (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+    return segment_ids_BxL  # splash builds its mask from the ids
+
+
+def _einsum_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, bias_Bx1x1xLxL, drop):
+    """Reference attention. Head-major layouts make both matmuls plain batched matmuls
+    over (B, K) with no transpose of an LxL tensor: only q/k/v/output move."""
+    B, L, H, E = q_BxLxHxE.shape
+    K = k_BxLxKxE.shape[2]
+    q_BxKxGxLxE = (q_BxLxHxE * (E**-0.5)).reshape(B, L, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
+    v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
+    s_BxKxGxLxL = jnp.einsum(
+        "BKGLE,BKME->BKGLM", q_BxKxGxLxE, k_BxKxLxE, preferred_element_type=jnp.float32
+    )
+    # An additive mask fuses into the softmax and needs no select in the backward pass.
+    p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL + bias_Bx1x1xLxL, axis=-1).astype(q_BxLxHxE.dtype)
+    p_BxKxGxLxL = drop(p_BxKxGxLxL)
+    a_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", p_BxKxGxLxL, v_BxKxLxE)
+    return a_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
+
+
+def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
+    """TPU Pallas splash attention (causal, segment ids), vmapped over rows.
+
+    Under a mesh the kernel runs per shard (shard_map: rows over data×fsdp, heads over
+    tensor), since a Pallas call cannot be partitioned automatically. Off TPU the kernel
+    runs in the Pallas interpreter: slow, but it lets a CPU test check the numerics.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    B, L, H, E = q_BxLxHxE.shape
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(mesh.axis_names)
+    tensor = mesh.shape["tensor"] if "tensor" in axes else 1
+    local_heads = H // tensor
+    mask = splash.MultiHeadMask([splash.CausalMask((L, L))] * local_heads)
+    kernel = splash.make_splash_mha(
+        mask=mask, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+    )
+
+    def run(q, k, v, seg):  # (b, L, h, E) per shard; the kernel takes heads first
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)
+        out = jax.vmap(
+            lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1))
+        )(heads_first(q * (E**-0.5)), heads_first(k), heads_first(v), seg)
+        return out.transpose(0, 2, 1, 3)
+
+    if not axes:
+        return run(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+    rows = tuple(a for a in ("data", "fsdp") if a in axes) or None
+    heads = "tensor" if "tensor" in axes else None
+    qkv = P(rows, None, heads, None)
+    return jax.shard_map(
+        run, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv, check_vma=False
+    )(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+
+
+class LayerInputs(NamedTuple):
+    """What every layer reads besides its weights and the residual stream."""
+
+    mask: jax.Array  # the attention mask in the form the implementation takes
+    cos_TxE: jax.Array
+    sin_TxE: jax.Array
+
+
+def _block_fn(cfg: config.Model, impl: str, B: int, L: int) -> Callable:
     """One pre-norm decoder layer as a pure function of that layer's weights."""
     rate = cfg.dropout
     lora_scale = cfg.lora.alpha / max(cfg.lora.rank, 1)
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // K
 
-    def block(w, i, x_TxD, ctx, key):
-        bias_Bx1x1xLxL, cos_TxE, sin_TxE = ctx
-        B, L = bias_Bx1x1xLxL.shape[0], bias_Bx1x1xLxL.shape[-1]
+    def block(w, i, x_TxD, inputs: LayerInputs, key):
+        mask, cos_TxE, sin_TxE = inputs
         key = None if key is None else jax.random.fold_in(key, i)
 
         def drop(y, p, site):
             return y if key is None else _dropout(y, p, jax.random.fold_in(key, site))
 
+        def lora(name, y, out):
+            if f"{name}_lora_a" not in w:
+                return out
+            y = drop(y, cfg.lora.dropout, 16 + list(_PROJ).index(name))
+            h = jnp.tensordot(y, w[f"{name}_lora_a"], axes=len(_PROJ[name][0]))
+            return out + lora_scale * jnp.tensordot(h, w[f"{name}_lora_b"], axes=1)
+
         def proj(name, y):
-            out = jnp.tensordot(y, w[name], axes=len(_PROJ[name][0]))
-            if f"{name}_lora_a" in w:
-                y = drop(y, cfg.lora.dropout, 16 + list(_PROJ).index(name))
-                h = jnp.tensordot(y, w[f"{name}_lora_a"], axes=len(_PROJ[name][0]))
-                out = out + lora_scale * jnp.tensordot(h, w[f"{name}_lora_b"], axes=1)
-            return out
+            return lora(name, y, jnp.tensordot(y, w[name], axes=len(_PROJ[name][0])))
 
         h_TxD = _rms_norm(x_TxD, w["attn_norm"], cfg.norm_eps)
-        q_TxHxE = _apply_rope(proj("q", h_TxD), cos_TxE, sin_TxE) * (E**-0.5)
-        k_TxKxE = _apply_rope(proj("k", h_TxD), cos_TxE, sin_TxE)
-        # Head-major layouts make both attention matmuls plain batched matmuls over (B, K)
-        # with no transpose of an LxL tensor: only the small q/k/v/output tensors move.
-        q_BxKxGxLxE = q_TxHxE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
-        k_BxKxLxE = k_TxKxE.reshape(B, L, K, E).transpose(0, 2, 1, 3)
-        v_BxKxLxE = proj("v", h_TxD).reshape(B, L, K, E).transpose(0, 2, 1, 3)
-        s_BxKxGxLxL = jnp.einsum(
-            "BKGLE,BKME->BKGLM", q_BxKxGxLxE, k_BxKxLxE, preferred_element_type=jnp.float32
+        # q, k, v as one matmul: (D, K, G+2, E) groups each kv head's queries with its
+        # key and value, so a heads-sharded mesh splits the fused weight along K as well.
+        D = h_TxD.shape[-1]
+        w_qkv = jnp.concatenate(
+            [
+                w["q"].reshape(D, K, G, E),
+                w["k"].reshape(D, K, 1, E),
+                w["v"].reshape(D, K, 1, E),
+            ],
+            axis=2,
         )
-        # An additive mask fuses into the softmax and needs no select in the backward pass.
-        p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL + bias_Bx1x1xLxL, axis=-1).astype(x_TxD.dtype)
-        p_BxKxGxLxL = drop(p_BxKxGxLxL, rate.attn, _ATTN)
-        a_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", p_BxKxGxLxL, v_BxKxLxE)
-        a_BxLxKxGxE = a_BxKxGxLxE.transpose(0, 3, 1, 2, 4)
-        a_TxD = proj("o", a_BxLxKxGxE.reshape(B * L, H, E))
+        qkv_TxKxG2xE = jnp.tensordot(h_TxD, w_qkv, axes=1)
+        q_TxHxE = lora("q", h_TxD, qkv_TxKxG2xE[:, :, :G].reshape(B * L, H, E))
+        k_TxKxE = lora("k", h_TxD, qkv_TxKxG2xE[:, :, G])
+        v_TxKxE = lora("v", h_TxD, qkv_TxKxG2xE[:, :, G + 1])
+        q_BxLxHxE = _apply_rope(q_TxHxE, cos_TxE, sin_TxE).reshape(B, L, H, E)
+        k_BxLxKxE = _apply_rope(k_TxKxE, cos_TxE, sin_TxE).reshape(B, L, K, E)
+        v_BxLxKxE = v_TxKxE.reshape(B, L, K, E)
+        if impl == "einsum":
+            attn = lambda p: drop(p, rate.attn, _ATTN)
+            a_BxLxHxE = _einsum_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask, attn)
+        elif impl == "splash":
+            a_BxLxHxE = _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask)
+        else:
+            a_BxLxHxE = jax.nn.dot_product_attention(
+                q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=mask, is_causal=True, implementation=impl
+            )
+        a_TxD = proj("o", a_BxLxHxE.reshape(B * L, H, E))
         x_TxD = x_TxD + drop(a_TxD, rate.resid, _RESID_ATTN)
 
         h_TxD = _rms_norm(x_TxD, w["mlp_norm"], cfg.norm_eps)
-        f_TxF = drop(jax.nn.silu(proj("gate", h_TxD)) * proj("up", h_TxD), rate.mlp, _MLP)
-        return x_TxD + drop(proj("down", f_TxF), rate.resid, _RESID_MLP)
+        # gate and up as one matmul over a (D, 2, F) weight.
+        gu_Tx2xF = jnp.tensordot(h_TxD, jnp.stack([w["gate"], w["up"]], axis=1), axes=1)
+        gate_TxF = lora("gate", h_TxD, gu_Tx2xF[:, 0])
+        up_TxF = lora("up", h_TxD, gu_Tx2xF[:, 1])
+        f_TxF = drop(jax.nn.silu(gate_TxF) * up_TxF, rate.mlp, _MLP)
+        return shard_rows(x_TxD + drop(proj("down", f_TxF), rate.resid, _RESID_MLP))
 
     return block
 

@@ -2,7 +2,8 @@ r"""Model presets: the tiny CPU model, SmolLM2-135M and the paper's 1B.
 
 Each returns the `model` section of an experiment config (an ml_collections ConfigDict,
 so `--config.model.d_model=256` overrides it); `config.parse_model` makes it typed.
-`PRESETS` names them for tools that take a model by name (benchmarks/step.py).
+`PRESETS` and `get_config(name)` name them for tools that take a model by name or by
+config file (`benchmarks/step.py --model=retention_jax/presets.py:smollm2_135m`).
 """
 
 import ml_collections as mlc
@@ -25,7 +26,10 @@ def _model(**kw) -> mlc.ConfigDict:
             param_dtype="float32",
             dtype="float32",  # compute dtype: float32 | bfloat16
             remat="none",  # none | full | dots
-            scan_layers=True,
+            scan_layers=True,  # lax.scan over the stacked layers; False: a Python loop
+            scan_unroll=0,  # layers per scan iteration; 0 = auto (all on CPU, 1 elsewhere)
+            attention="auto",  # auto | einsum | xla | cudnn | splash (model.attention_impl)
+            loss_chunk=0,  # positions per cross-entropy chunk; 0 = all logits at once
             dropout=dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0),
             lora=dict(rank=0, alpha=128.0, dropout=0.0, targets=("o", "gate", "up", "down")),
         )
@@ -65,3 +69,10 @@ def tiny(vocab_size: int = 512) -> mlc.ConfigDict:
 
 
 PRESETS = {"tiny": tiny, "smollm2_135m": smollm2_135m, "paper_1b": paper_1b}
+
+
+def get_config(name: str = "tiny") -> mlc.ConfigDict:
+    """A preset by name: `--model=retention_jax/presets.py:smollm2_135m` in config flags."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} unknown; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from retention_jax import loss as loss_lib
+
 HPARAMS = ("lr", "min_lr", "warmup_steps", "total_steps", "weight_decay")
 
 
@@ -53,48 +55,53 @@ def make_tx(static: dict) -> optax.GradientTransformation:
     )
 
 
-@jax.custom_vjp
-def _xent(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-    """Per-token cross-entropy, log-sum-exp minus the target's logit (float32 logits)."""
-    return _xent_fwd(logits_BxLxV, targets_BxL)[0]
-
-
-def _xent_fwd(logits_BxLxV, targets_BxL):
-    max_BxL = logits_BxLxV.max(axis=-1)
-    lse_BxL = jnp.log(jnp.exp(logits_BxLxV - max_BxL[..., None]).sum(axis=-1)) + max_BxL
-    target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    return lse_BxL - target_BxL, (logits_BxLxV, lse_BxL, targets_BxL)
-
-
-def _xent_bwd(res, g_BxL):
-    """softmax - one_hot in one elementwise pass over the logits: autodiff would add a
-    scatter for the gather (a serial loop on XLA:CPU) and extra passes over B×L×V."""
-    logits_BxLxV, lse_BxL, targets_BxL = res
-    vocab_V = jnp.arange(logits_BxLxV.shape[-1], dtype=targets_BxL.dtype)
-    hit_BxLxV = vocab_V[None, None] == targets_BxL[..., None]
-    p_BxLxV = jnp.exp(logits_BxLxV - lse_BxL[..., None])
-    dlogits_BxLxV = g_BxL[..., None] * (p_BxLxV - hit_BxLxV.astype(jnp.float32))
-    return dlogits_BxLxV, None
-
-
-_xent.defvjp(_xent_fwd, _xent_bwd)
-
-
-def cross_entropy(
-    logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over real target tokens, and their count."""
-    xent_BxL = _xent(logits_BxLxV.astype(jnp.float32), targets_BxL)
-    w_BxL = mask_BxL.astype(jnp.float32)
-    return (xent_BxL * w_BxL).sum(), w_BxL.sum()
-
-
 def _forward(graphdef, params, batch, dropout_key=None):
+    """(summed loss, real target tokens) of one batch."""
     model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(
-        batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key
-    )
-    return cross_entropy(logits_BxLxV, batch["targets"], batch["segment_ids"] > 0)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    h_BxLxD = model.hidden(*args, dropout_key=dropout_key)
+    mask_BxL = batch["segment_ids"] > 0
+    if model.cfg.loss_chunk:
+        return loss_lib.head_cross_entropy(
+            h_BxLxD, model.head_weight(), batch["targets"], mask_BxL, model.cfg.loss_chunk
+        )
+    return loss_lib.cross_entropy(h_BxLxD @ model.head_weight(), batch["targets"], mask_BxL)
+
+
+def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """(B, L) -> (B/n, n, L): microbatch m is [:, m], rows m, m+n, m+2n, ... The row
+    axis stays first and keeps its sharding (each device's block of rows contributes to
+    every microbatch), so taking one moves no data; a transpose here loses the sharding
+    and replicates every microbatch's activations on all devices."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] // n, n, *a.shape[1:]), batch)
+
+
+def _grads(graphdef, params, batch, key, n: int):
+    """(summed loss, tokens, gradient of the summed loss), over `n` microbatches.
+
+    With n > 1 a scan runs forward and backward on one microbatch at a time and sums
+    the gradients, so only one microbatch's activations are live; dividing the sums by
+    the total token count later gives exactly the full batch's mean-loss gradient.
+    Microbatch m draws dropout from fold_in(key, m).
+    """
+    value_and_grad = jax.value_and_grad(lambda p, b, k: _forward(graphdef, p, b, k), has_aux=True)
+    if n == 1:
+        (loss_sum, ntok), grads = value_and_grad(params, batch, key)
+        return loss_sum, ntok, grads
+
+    split = _microbatches(batch, n)
+
+    def body(carry, m):
+        loss_acc, tok_acc, grad_acc = carry
+        mb = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, 1, keepdims=False), split)
+        k = None if key is None else jax.random.fold_in(key, m)
+        (loss_sum, ntok), grads = value_and_grad(params, mb, k)
+        return (loss_acc + loss_sum, tok_acc + ntok, jax.tree.map(jnp.add, grad_acc, grads)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, ntok, grads), _ = jax.lax.scan(body, init, jnp.arange(n))
+    return loss_sum, ntok, grads
 
 
 def train_step(
@@ -104,14 +111,16 @@ def train_step(
     batch: dict[str, jax.Array],
     rng: jax.Array,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step on the mean loss over the batch's real target tokens."""
+    """One AdamW step on the mean loss over the batch's real target tokens.
+
+    `static["microbatches"]` splits the batch for gradient accumulation
+    inside this one step: one optimizer update, the same result as the whole batch.
+    """
     key = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-        loss_sum, ntok = _forward(graphdef, params, batch, key)
-        return loss_sum / jnp.maximum(ntok, 1.0), ntok
-
-    (loss, ntok), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss_sum, ntok, grad_sums = _grads(graphdef, state.params, batch, key, static["microbatches"])
+    scale = 1.0 / jnp.maximum(ntok, 1.0)
+    loss = loss_sum * scale
+    grads = jax.tree.map(lambda g: g * scale, grad_sums)
     adam, opt = make_tx(static).update(grads, state.opt, state.params)
     lr = learning_rate(state.step, state.hp)
     wd = state.hp["weight_decay"]

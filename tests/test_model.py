@@ -1,5 +1,7 @@
 """The decoder: sizes, causality, packing, dropout, scan/unroll/remat, bf16, LoRA, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -9,13 +11,14 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import base, models
+from configs import base
+from retention_jax import config, presets
 from retention_jax import model as model_lib
 
 B, L = 2, 16
 
 
-def small(**kw) -> mlc.ConfigDict:
+def raw(**kw) -> mlc.ConfigDict:
     cfg = presets.tiny(vocab_size=128)
     cfg.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96))
     cfg.scan_layers = False  # compiles a little faster on CPU; scan is tested against it
@@ -23,12 +26,16 @@ def small(**kw) -> mlc.ConfigDict:
     return cfg
 
 
+def small(**kw) -> config.Model:
+    return config.parse_model(raw(**kw))
+
+
 def rng(seed: int) -> jax.Array:
     """RBG keys: threefry random numbers take ~5-10x longer to compile on CPU."""
     return jax.random.key(seed, impl="rbg")
 
 
-def build(cfg: mlc.ConfigDict, seed: int = 0) -> model_lib.Transformer:
+def build(cfg: config.Model, seed: int = 0) -> model_lib.Transformer:
     with nnx.use_eager_sharding(False):  # no mesh needed for numerics
         return model_lib.Transformer(cfg, rngs=nnx.Rngs(params=rng(seed)))
 
@@ -53,14 +60,16 @@ def inputs(seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def test_param_counts_without_allocating():
-    assert model_lib.count_params(presets.smollm2_135m()) == 134_515_008
-    n_1b = model_lib.count_params(presets.paper_1b())
+    parse = config.parse_model
+    assert model_lib.count_params(parse(presets.smollm2_135m())) == 134_515_008
+    n_1b = model_lib.count_params(parse(presets.paper_1b()))
     assert n_1b == 1_029_917_376  # the paper's ~1.03B: an untied LM head
     tied = presets.paper_1b()
     tied.tie_embeddings = True
-    assert model_lib.count_params(tied) == 944_982_720
-    lora = presets.smollm2_135m()
-    lora.lora.rank = 64
+    assert model_lib.count_params(parse(tied)) == 944_982_720
+    lora = dataclasses.replace(
+        parse(presets.smollm2_135m()), lora=config.Lora(64, 128.0, 0.0, ("o",))
+    )
     assert model_lib.count_params(lora) == 134_515_008  # adapters are not counted
 
 
@@ -68,7 +77,11 @@ def test_flops_per_token():
     # N_matmul = all parameters minus norms (the tied embedding counts once, as the head).
     n_matmul = 134_515_008 - (30 * 2 * 576 + 576)
     expected = 6 * n_matmul + 6 * 30 * 1024 * 576
-    assert model_lib.flops_per_token(presets.smollm2_135m(), 1024) == expected == 913_047_552
+    assert (
+        model_lib.flops_per_token(config.parse_model(presets.smollm2_135m()), 1024)
+        == expected
+        == 913_047_552
+    )
 
 
 def test_causal_by_gradient():
@@ -157,7 +170,7 @@ def test_bf16_compute_close_to_fp32():
 
 
 def test_lora_adapters():
-    cfg = small(lora=dict(rank=4, alpha=8.0, dropout=0.1, targets=("o", "gate", "up", "down")))
+    cfg = dataclasses.replace(small(), lora=config.Lora(4, 8.0, 0.1, ("o", "gate", "up", "down")))
     model = build(cfg)
     adapters = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
     names = {path[-1] for path, _ in adapters}
@@ -207,3 +220,60 @@ def test_create_and_abstract_state_are_sharded():
         assert a.sharding.is_equivalent_to(flat[name].sharding, a.ndim), name
     assert abs(float(jnp.std(flat["layers/q"])) - cfg.init_std) < 0.002
     np.testing.assert_array_equal(flat["layers/attn_norm"], 1.0)
+
+
+def _packed(length: int):
+    """Two rows: one document, and two packed documents followed by padding (id 0)."""
+    third = length // 3
+    seg = np.ones((B, length), np.int32)
+    seg[1, third : 2 * third], seg[1, 2 * third :] = 2, 0
+    pos = np.tile(np.arange(length), (B, 1))
+    pos[1, third : 2 * third] -= third
+    pos[1, 2 * third :] = 0
+    tokens = jax.random.randint(rng(5), (B, length), 1, 128)
+    return tokens, jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("impl, length", [("xla", L), ("splash", 128)])
+def test_attention_implementations_match_einsum(impl, length):
+    """Logits and gradients with packed documents and padding equal the reference path."""
+    args = _packed(length)
+    ref = build(small(attention="einsum", n_layers=1))
+    other = build(small(attention=impl, n_layers=1))
+    np.testing.assert_allclose(forward(other, *args), forward(ref, *args), atol=2e-5)
+    g_ref = grad_of_mean_square(ref, *args, None)
+    g_other = grad_of_mean_square(other, *args, None)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_other), strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-6)
+
+
+def test_auto_choices_on_cpu():
+    cfg = small(scan_layers=True)
+    assert model_lib.attention_impl(cfg, 256) == "einsum"
+    assert model_lib.layer_unroll(cfg) == cfg.n_layers  # auto: unrolled on CPU
+    cfg = dataclasses.replace(cfg, scan_unroll=1)
+    assert model_lib.layer_unroll(cfg) == 1  # an honest rolled loop when asked
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    assert model_lib.layer_unroll(cfg) == cfg.n_layers
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("attention", "flash", "config key model.attention='flash': auto | einsum"),
+        ("scan_unroll", -1, "config key model.scan_unroll=-1: an integer >= 0"),
+        ("loss_chunk", 1.5, "config key model.loss_chunk=1.5: an integer >= 0"),
+    ],
+)
+def test_bad_performance_knobs_are_named(key, value, message):
+    cfg = mlc.ConfigDict(raw().to_dict() | {key: value}, type_safe=False)
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.parse_model(cfg)
+
+
+def test_attention_dropout_needs_einsum():
+    cfg = raw(attention="xla", dropout=dict(embed=0.0, attn=0.1, resid=0.0, mlp=0.0))
+    with pytest.raises(config.ConfigError, match="config key model.attention='xla': auto | einsum"):
+        config.parse_model(cfg)
+    cfg.attention = "auto"
+    assert model_lib.attention_impl(config.parse_model(cfg), 256) == "einsum"
