@@ -5,6 +5,7 @@ python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke
 python main.py --config=configs/paper_1b.py:musicpile-chempile --workdir=gs://... --dry_run
 """
 
+import os
 import sys
 
 import jax
@@ -48,8 +49,13 @@ def main(argv):
     if rows and jax.process_index() == 0:
         print(report.table(rows))
         print(report.format_compare(report.compare(rows)))
-        for path in figures.draw_all(_WORKDIR.value):
-            print("figure:", path)
+        paths = figures.draw_all(_WORKDIR.value)
+        workdir = _WORKDIR.value
+        print(f"results: {os.path.join(workdir, experiment.RESULTS)}")
+        print(
+            f"figures: {', '.join(os.path.basename(p) for p in paths)} in {os.path.join(workdir, 'figures')}"
+        )
+        print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'runs')}")
     if failed is not None:
         print(failed, file=sys.stderr, flush=True)
         sys.exit(1)

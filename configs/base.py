@@ -75,6 +75,7 @@ def get_config() -> mlc.ConfigDict:
         workers=0,  # grain read threads; 0 reads in the main thread
     )
     c.pretrain = dict(
+        init="",  # '' initialises afresh; 'hf:HUB_ID_OR_DIR' starts from a Llama checkpoint
         tokens=1_000_000,  # D_pre tokens (early exposure adds to or replaces these)
         batch=16,
         exposure=dict(

@@ -171,6 +171,7 @@ class Pretrain:
     batch: int
     exposure: Exposure
     optimizer: Optimizer
+    init: str = ""  # "hf:HUB_ID_OR_DIR": start from a Hugging Face Llama checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,7 +552,10 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     exposure = Exposure(ex.num("lam", 0, 1), ex.choice("mode", EXPOSURE_MODES), (a, b))
     ex.done()
     b1 = _batch(s1, "batch", rows, num_processes)
-    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _stage_optimizer(s1, b1, rows))
+    init = s1.str("init", empty=True)
+    if init and not (init.startswith("hf:") and init[3:]):
+        fail(s1.key("init"), init, "'' (a fresh initialisation) or 'hf:HUB_ID_OR_DIR'")
+    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _stage_optimizer(s1, b1, rows), init)
     s1.done()
     es = s2.section("early_stop")
     early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))

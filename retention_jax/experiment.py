@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import time
 import traceback
 from collections.abc import Iterable, Sequence
 
@@ -159,6 +160,34 @@ def plan_table(nodes: list[Node]) -> str:
     return "\n".join(lines)
 
 
+class GraphProgress:
+    """One line per node: k of N, its stage, time so far and the graph's ETA, from the
+    tokens per second the nodes of this run have trained at (compiles included)."""
+
+    def __init__(self, nodes: list[Node]):
+        self.tokens = {n.id: sum(data.plan(n.stage, n.exp).tokens.values()) for n in nodes}
+        self.total, self.k, self.done = len(nodes), 0, 0
+        self.start = time.perf_counter()
+
+    def begin(self, node: Node) -> None:
+        self.k += 1
+        elapsed = time.perf_counter() - self.start
+        left = sum(self.tokens.values())
+        eta = f"{left * elapsed / self.done:,.0f}s" if self.done else "?"
+        if jax.process_index() == 0:
+            print(
+                f"[{self.k}/{self.total}] {node.id} ({node.stage}): elapsed "
+                f"{elapsed:,.0f}s, graph ETA {eta}",
+                flush=True,
+            )
+
+    def end(self, node: Node) -> None:
+        self.done += self.tokens.pop(node.id)
+
+    def skip(self, node: Node) -> None:
+        self.tokens.pop(node.id)
+
+
 def _check_identity(run_dir: str, record: dict) -> None:
     """Refuses a run directory written under a different config; names the keys."""
     path = os.path.join(run_dir, "config.json")
@@ -248,64 +277,81 @@ def run(
     pending_ids = {n.id for n in pending}
     corpora: dict[str, data.Corpus] = {}
     failures: dict[str, str] = {}
+    progress = GraphProgress(pending)
     for n in todo:
         if n.id not in pending_ids:
             print(f"{n.id} already done", flush=True)
             continue
-        if n.parent is not None and n.parent.id in failures:
-            failures[n.id] = f"skipped: parent {n.parent.id} did not finish"
+        why = _blocked(n, runs[n.id], failures, retry_failed)
+        if why is not None:
+            failures[n.id] = why
+            progress.skip(n)
             continue
-        earlier = fileio.read_json(os.path.join(runs[n.id], FAILED))
-        if earlier is not None and not retry_failed:
-            failures[n.id] = f"failed before ({earlier['error']}); not retried"
-            continue
+        progress.begin(n)
         corpus = _corpus(n, pending, workdir, corpora)
         _check_identity(
             runs[n.id], {"identity": n.identity, "data_fingerprint": corpus.fingerprint}
         )
-        parent = None
-        if n.parent is not None:
-            pr = stage.read_result(runs[n.parent.id])
-            if pr is None:
-                raise RuntimeError(f"{n.id}: parent {n.parent.id} has not finished; run it first")
-            parent = (runs[n.parent.id], pr["result_step"])
-        meta = {
-            "id": n.id,
-            "parent": n.parent.id if n.parent else None,
-            "parent_step": parent[1] if parent else None,
-            "swept": n.swept,
-        }
-        try:
-            held = lock.acquire_for_job(runs[n.id])
-        except lock.RunLocked as e:  # another job runs this node: leave it to that job
-            failures[n.id] = str(e)
-            print(f"{n.id} skipped: {e}", flush=True)
-            continue
-        try:
-            if held is not None:
-                held.start_heartbeat()
-            result = stage.run(
-                n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks
-            )
-        except cb.Preempted:  # not a failure: the rerun resumes
-            raise
-        except Exception as e:  # contained: recorded, the graph goes on
-            failures[n.id] = _record_failure(runs[n.id], n, e)
-            continue
-        finally:
-            if held is not None:
-                held.release()
-            if jax.process_count() > 1:  # children read result.json that process 0 wrote
-                multihost_utils.sync_global_devices(f"node {n.id}")
-        if earlier is not None and jax.process_index() == 0:
-            epath.Path(runs[n.id], FAILED).unlink(missing_ok=True)
-        if jax.process_index() == 0:
-            val = " ".join(f"{d} {v:.4f}" for d, v in result["val"].items())
-            print(f"{n.id} done: val {val}", flush=True)
+        why = _run_node(n, runs, corpus, rt, extra_callbacks)
+        if why is not None:
+            failures[n.id] = why
+        progress.end(n)
     rows = collect(workdir, nodes)
     if failures:
         raise GraphFailed(failures, rows)
     return rows
+
+
+def _blocked(node: Node, run_dir: str, failures: dict, retry_failed: bool) -> str | None:
+    """Why `node` does not run now: its parent did not finish, or it failed before."""
+    if node.parent is not None and node.parent.id in failures:
+        return f"skipped: parent {node.parent.id} did not finish"
+    earlier = fileio.read_json(os.path.join(run_dir, FAILED))
+    if earlier is not None and not retry_failed:
+        return f"failed before ({earlier['error']}); not retried"
+    return None
+
+
+def _run_node(n: Node, runs: dict, corpus, rt, extra_callbacks) -> str | None:
+    """Runs one node under its run-directory lock; returns why it did not finish, if so.
+
+    A node held by another job is left to it; a node that raises is recorded in its
+    failed.json (preemption propagates: the rerun resumes)."""
+    parent = None
+    if n.parent is not None:
+        pr = stage.read_result(runs[n.parent.id])
+        if pr is None:
+            raise RuntimeError(f"{n.id}: parent {n.parent.id} has not finished; run it first")
+        parent = (runs[n.parent.id], pr["result_step"])
+    meta = {
+        "id": n.id,
+        "parent": n.parent.id if n.parent else None,
+        "parent_step": parent[1] if parent else None,
+        "swept": n.swept,
+    }
+    try:
+        held = lock.acquire_for_job(runs[n.id])
+    except lock.RunLocked as e:  # another job runs this node: leave it to that job
+        print(f"{n.id} skipped: {e}", flush=True)
+        return str(e)
+    try:
+        if held is not None:
+            held.start_heartbeat()
+        result = stage.run(n.stage, n.exp, runs[n.id], corpus, rt, parent, meta, extra_callbacks)
+    except cb.Preempted:
+        raise
+    except Exception as e:  # contained: recorded, the graph goes on
+        return _record_failure(runs[n.id], n, e)
+    finally:
+        if held is not None:
+            held.release()
+        if jax.process_count() > 1:  # children read result.json that process 0 wrote
+            multihost_utils.sync_global_devices(f"node {n.id}")
+    if jax.process_index() == 0:
+        epath.Path(runs[n.id], FAILED).unlink(missing_ok=True)
+        val = " ".join(f"{d} {v:.4f}" for d, v in result["val"].items())
+        print(f"{n.id} done: val {val}", flush=True)
+    return None
 
 
 def _record_failure(run_dir: str, node: Node, error: Exception) -> str:

@@ -12,12 +12,11 @@ device, replicated.
 import os
 
 import jax
-import ml_collections as mlc
 from absl import app, flags
 from etils import epath
 from jax.sharding import AxisType
 
-from retention_jax import checkpoint, hf, stage
+from retention_jax import checkpoint, config, hf, stage
 from retention_jax import model as model_lib
 
 
@@ -34,16 +33,16 @@ def find_node(workdir: str, node: str) -> str:
     return os.path.join(workdir, "runs", matches[0])
 
 
-def result_params(run_dir: str) -> tuple[mlc.ConfigDict, dict, object]:
+def result_params(run_dir: str) -> tuple[config.Model, dict, object]:
     """(model config, identity, parameters of the result step) of a finished run."""
     record = stage.read_json(os.path.join(run_dir, "config.json"))
     result = stage.read_result(run_dir)
     if record is None or result is None:
         raise ValueError(f"{run_dir}: not a finished node (config.json and result.json needed)")
     identity = record["identity"]
-    model_cfg = mlc.ConfigDict(identity["model"])
+    model_cfg = config.parse_model(identity["model"])
     mesh = jax.make_mesh((1,), ("replica",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    rules = tuple((axis, None) for axis in model_lib._axis_sizes(model_cfg))
+    rules = tuple((axis, None) for axis in model_lib.axis_sizes(model_cfg))
     _, target = model_lib.abstract_state(model_cfg, mesh, rules)
     params = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), result["result_step"], target)
     return model_cfg, identity, params

@@ -56,7 +56,8 @@ _REMAT = {
 ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
-def _axis_sizes(cfg: config.Model) -> dict[str, int]:
+def axis_sizes(cfg: config.Model) -> dict[str, int]:
+    """Sizes of the logical axes that name parameter dimensions."""
     return dict(
         vocab=cfg.vocab_size,
         embed=cfg.d_model,
@@ -73,7 +74,7 @@ class Layers(nnx.Module):
     """All decoder layers' weights, each stacked along a leading layer axis."""
 
     def __init__(self, cfg: config.Model, *, rngs: nnx.Rngs):
-        size = _axis_sizes(cfg)
+        size = axis_sizes(cfg)
         dtype = jnp.dtype(cfg.param_dtype)
 
         def param(kind, axes, init="normal"):

@@ -63,6 +63,11 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
                 f"be restored from {ckpt} ({type(e).__name__}: {e}); rerun the parent: remove "
                 f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
             ) from e
+    elif name == "pretrain" and exp.pretrain.init:
+        from retention_jax import hf  # the hf extra (safetensors); only this start needs it
+
+        spec = exp.pretrain.init.removeprefix("hf:")
+        params = hf.init_params(spec, exp.model_for(name), fns.mesh, exp.rules, seed=exp.seed)
     else:
         params = trainer.init_params(fns, exp.model_for(name), exp.rules, exp.seed)
     schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)

@@ -1,5 +1,6 @@
 """A finished node out to Hugging Face and back in: transformers' logits, bit-equal params."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -12,9 +13,20 @@ import pytest
 from flax import nnx
 
 from configs import default
-from retention_jax import checkpoint, data, evaluate, export, hf, sharding, stage
+from retention_jax import (
+    callbacks,
+    checkpoint,
+    config,
+    data,
+    evaluate,
+    experiment,
+    export,
+    hf,
+    runtime,
+    sharding,
+    stage,
+)
 from retention_jax import model as model_lib
-from retention_jax import train as train_lib
 from retention_jax.analysis import results
 from retention_jax.data.tokenizer import ByteTokenizer
 
@@ -83,18 +95,21 @@ def test_stage_starts_from_export(smoke_workdir, node, exported):
     """hf.init_params on the experiment's mesh: the checkpoint's parameters bit for bit,
     and the node's recorded validation losses from them."""
     cfg = default.get_config("smoke")
-    mesh = sharding.make_mesh(cfg.mesh)
-    model_cfg = stage.model_config(cfg, "posttrain")
-    params = hf.init_params(exported, model_cfg, mesh, cfg.rules)
+    exp = config.parse(cfg, jax.device_count())
+    mesh = sharding.make_mesh(exp.mesh)
+    model_cfg = exp.model_for("posttrain")
+    params = hf.init_params(exported, model_cfg, mesh, exp.rules)
     run_dir = export.find_node(smoke_workdir, node)
     result = stage.read_result(run_dir)
-    _, target = model_lib.abstract_state(model_cfg, mesh, cfg.rules)
+    _, target = model_lib.abstract_state(model_cfg, mesh, exp.rules)
     saved = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), result["result_step"], target)
     jax.tree.map(np.testing.assert_array_equal, saved, params)
     assert jax.tree.map(lambda a: a.sharding, params) == jax.tree.map(lambda a: a.sharding, saved)
-    steps = train_lib.steps_for(model_cfg, cfg.posttrain, mesh, cfg.rules)
-    corpus = data.prepare(cfg, smoke_workdir, [data.plan(s, cfg) for s in data.STAGES])
-    val = evaluate.losses(steps, params, corpus, data.DOMAINS, cfg.eval.batch)
+    rt = runtime.Runtime(mesh, exp.rules)
+    fns = rt.step_functions(model_cfg, exp.posttrain.optimizer)
+    plans = [data.plan(s, exp) for s in config.STAGES]
+    corpus = data.prepare(exp.data, smoke_workdir, data.needs_of(plans))
+    val = evaluate.losses(rt, fns, params, corpus, data.DOMAINS, exp.eval_batch)
     assert val == pytest.approx(result["val"], rel=1e-6)
 
 
@@ -115,15 +130,18 @@ def test_stage_starts_from_export(smoke_workdir, node, exported):
 def test_init_params_names_the_mismatch(exported, field, value):
     cfg = default.get_config("smoke")
     cfg.model[field] = value
+    model = config.parse_model(cfg.model)
     with pytest.raises(ValueError, match=rf"config key model\.{field}={value!r}: the checkpoint"):
-        hf.init_params(exported, cfg.model, _one_device_mesh(), cfg.rules)
+        hf.init_params(exported, model, _one_device_mesh(), cfg.rules)
 
 
 def test_init_params_adds_fresh_lora(exported):
     cfg = default.get_config("smoke")
-    cfg.model.lora.update(rank=2, targets=("q", "down"))
-    params = hf.init_params(exported, cfg.model, _one_device_mesh(), cfg.rules, seed=3)
-    base = hf.load_params(exported, cfg.model)
+    model = dataclasses.replace(
+        config.parse_model(cfg.model), lora=config.Lora(2, 128.0, 0.0, ("q", "down"))
+    )
+    params = hf.init_params(exported, model, _one_device_mesh(), cfg.rules, seed=3)
+    base = hf.load_params(exported, model)
     pure = nnx.to_pure_dict(params)
     np.testing.assert_array_equal(pure["layers"]["q"], base["layers"]["q"])
     assert not np.asarray(pure["layers"]["down_lora_b"]).any()  # B = 0: the base model's output
@@ -135,7 +153,7 @@ def _one_device_mesh() -> jax.sharding.Mesh:
 
 
 def _replicated(model_cfg) -> tuple:
-    return tuple((axis, None) for axis in model_lib._axis_sizes(model_cfg))
+    return tuple((axis, None) for axis in model_lib.axis_sizes(model_cfg))
 
 
 def test_find_node_wants_exactly_one(smoke_workdir, node):
@@ -149,4 +167,34 @@ def test_find_node_wants_exactly_one(smoke_workdir, node):
 def test_init_params_offline_hub_id(tmp_path):
     cfg = default.get_config("smoke")
     with pytest.raises(OSError, match="neither a local directory nor downloadable"):
-        hf.init_params("no-such-org/no-such-model", cfg.model, _one_device_mesh(), cfg.rules)
+        model = config.parse_model(cfg.model)
+        hf.init_params("no-such-org/no-such-model", model, _one_device_mesh(), cfg.rules)
+
+
+def test_pretraining_starts_from_hf_weights(smoke_workdir, exported, tmp_path):
+    """`pretrain.init='hf:DIR'` replaces the fresh initialisation: the stage's first
+    parameters are the checkpoint's, bit for bit; a bad value is named."""
+    cfg = default.get_config("smoke")
+    cfg.pretrain.init = f"hf:{exported}"
+    cfg.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0,)))
+    seen = []
+
+    def look(t):
+        seen.append(jax.device_get(t.state.params))
+        raise _Stop()
+
+    with pytest.raises(_Stop):
+        experiment.run(
+            cfg, str(tmp_path), only="pretrain", extra_callbacks=[callbacks.OnStart(look)]
+        )
+    model = config.parse_model(cfg.model)
+    want = hf.load_params(exported, model)
+    np.testing.assert_array_equal(nnx.to_pure_dict(seen[0])["layers"]["q"], want["layers"]["q"])
+    np.testing.assert_array_equal(nnx.to_pure_dict(seen[0])["embed"], want["embed"])
+    cfg.pretrain.init = "pretrained"
+    with pytest.raises(config.ConfigError, match="config key pretrain.init='pretrained'"):
+        experiment.expand(cfg)
+
+
+class _Stop(BaseException):
+    pass
