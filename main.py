@@ -52,9 +52,8 @@ def main(argv):
         paths = figures.draw_all(_WORKDIR.value)
         workdir = _WORKDIR.value
         print(f"results: {os.path.join(workdir, experiment.RESULTS)}")
-        print(
-            f"figures: {', '.join(os.path.basename(p) for p in paths)} in {os.path.join(workdir, 'figures')}"
-        )
+        names = ", ".join(os.path.basename(p) for p in paths)
+        print(f"figures: {names} in {os.path.join(workdir, 'figures')}")
         print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'runs')}")
     if failed is not None:
         print(failed, file=sys.stderr, flush=True)
