@@ -88,6 +88,8 @@ def get_config() -> mlc.ConfigDict:
     c.posttrain = dict(
         batch=16,
         max_tokens=1_000_000,  # repetition of the pool allowed up to this budget
+        # LoRA post-training: rank > 0 trains adapters only; they are merged before stage 3.
+        lora=dict(rank=0, alpha=128.0, dropout=0.0, targets=("o", "gate", "up", "down", "head")),
         seed=-1,  # stage-2 data order and dropout; -1: the experiment seed (the pool split's)
         dropout=0.0,  # one rate at embedding, attention, residual and MLP
         replay=0.0,  # fraction of stage-2 sequences drawn from D_pre

@@ -3,6 +3,7 @@ r"""SmolLM2-135M, the paper's frontier experiments for one pipeline (D_pre = C4)
   python main.py --config=configs/paper_135m.py:musicpile-chempile --workdir=gs://BUCKET/135m-mc
   python main.py --config=configs/paper_135m.py:musicpile-chempile,dropout --workdir=gs://BUCKET/135m-mc
   python main.py --config=configs/paper_135m.py:musicpile-chempile,replay --workdir=gs://BUCKET/135m-mc
+  python main.py --config=configs/paper_135m.py:musicpile-chempile,lora --workdir=gs://BUCKET/135m-mc
   python main.py --config=configs/paper_135m.py:musicpile-chempile,smoke --workdir=/tmp/s  # CPU
 
 Argument: PIPELINE[,ARM][,smoke]. Pipelines: musicpile-chempile | musicpile-flan |
@@ -14,6 +15,9 @@ and mixed runs; run them in one work directory and they share the two pretrainin
             {0.02, 0.05} with and without mixing                 2 + 60 + 360 = 422 nodes
   replay    Fig. 4 right, Fig. 5 right, Fig. 6 right: 1% replay
             of C4 with and without mixing                        2 + 30 + 180 = 212 nodes
+  lora      Fig. 7 (Table 9): LoRA post-training, rank 64, alpha 128, LoRA dropout
+            {0, .02, .05}, adapters merged before full fine-tuning; compare with
+            mixing                                               2 + 90 + 540 = 632 nodes
 
 Stage 1: 8.7B C4 tokens (+ λ·0.3B of D_post, added, spread uniformly); LR, batch and
 warmup are not given for 135M, so the 1B values are used. Stage 2: LR {1e-4 … 5e-3} ×
@@ -30,12 +34,14 @@ from configs import base, corpora
 from retention_jax import presets
 
 M = 1_000_000
-ARMS = ("mixing", "dropout", "replay")
+ARMS = ("mixing", "dropout", "replay", "lora")
 # Stage-3 LRs from almost no change (Adam moves a weight by about lr per step: 1e-6 over
 # ~1,000 steps is 5% of the init scale) to strong forgetting (above most stage-2 peaks).
 STAGE3_LRS = (1e-6, 3e-6, 1e-5, 5e-5, 2e-4, 1e-3)
 REPLAY = 0.01  # share of stage-2 sequences drawn from D_pre
 DROPOUTS = (0.02, 0.05)
+LORA_RANK = 64  # alpha 128 (alpha/rank 2); targets o, gate, up, down, head (no q, k, v)
+LORA_DROPOUTS = (0.0, 0.02, 0.05)
 
 
 def arm_sweep(arm: str) -> tuple:
@@ -44,6 +50,7 @@ def arm_sweep(arm: str) -> tuple:
         "mixing": (),
         "dropout": (("posttrain.dropout", DROPOUTS),),
         "replay": (("posttrain.replay", (REPLAY,)),),
+        "lora": (("posttrain.lora.rank", (LORA_RANK,)), ("posttrain.lora.dropout", LORA_DROPOUTS)),
     }[arm]
 
 

@@ -20,7 +20,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 PACKINGS = ("concat", "first_fit")
 EXPOSURE_MODES = ("add", "replace")
 TOKENIZER_SCHEMES = ("hf", "spm")
@@ -77,6 +77,9 @@ class Lora:
     alpha: float
     dropout: float
     targets: tuple[str, ...]
+
+
+NO_LORA = Lora(0, 1.0, 0.0, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,7 @@ class Pretrain:
 
 @dataclasses.dataclass(frozen=True)
 class Posttrain:
+    lora: Lora  # rank > 0: train adapters only (merged into the weights before stage 3)
     seed: int  # data order and dropout of stage 2 (resolved: -1 in a file is the experiment seed)
     batch: int
     max_tokens: int
@@ -241,11 +245,16 @@ class Experiment:
         return getattr(self, name)
 
     def model_for(self, name: str) -> Model:
-        """The model a stage trains: post-training applies its dropout at all four sites."""
+        """The model a stage trains: post-training applies its dropout at all four sites
+        and carries its LoRA adapters; fine-tuning gets them merged (`model.merge_lora`:
+        a head adapter on tied embeddings unties the head)."""
+        lora = self.posttrain.lora
+        if name == "finetune" and lora.rank > 0 and "head" in lora.targets:
+            return dataclasses.replace(self.model, tie_embeddings=False)
         if not STAGE_KINDS[name].owns_dropout:
             return self.model
         rate = self.posttrain.dropout
-        return dataclasses.replace(self.model, dropout=Dropout(rate, rate, rate, rate))
+        return dataclasses.replace(self.model, dropout=Dropout(rate, rate, rate, rate), lora=lora)
 
     def stage_seed(self, name: str) -> int:
         """The seed of a stage's data order and dropout (stage 2 may set its own)."""
@@ -353,18 +362,9 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
     d = s.section("dropout")
     dropout = Dropout(*(d.num(k, 0, 1, open_high=True) for k in ("embed", "attn", "resid", "mlp")))
     d.done()
-    lo = s.section("lora")
-    lora = Lora(
-        rank=lo.int("rank", 0),
-        alpha=lo.num("alpha", 0, math.inf, open_low=True),
-        dropout=lo.num("dropout", 0, 1, open_high=True),
-        targets=lo.strings("targets", "LoRA target names"),
-    )
-    lo.done()
-    if lora.rank != 0:
-        fail(lo.key("rank"), lora.rank, "0 (LoRA stages are not implemented yet)")
-    if bad := [t for t in lora.targets if t not in LORA_TARGETS]:
-        fail(lo.key("targets"), lora.targets, f"a subset of {LORA_TARGETS} (not {bad})")
+    # Adapters are stage 2's (posttrain.lora); a model section holds them only in a run
+    # record (identity) of a LoRA stage.
+    lora = _lora(s.section("lora")) if "lora" in node else NO_LORA
     model = Model(
         **ints,
         rope_base=s.num("rope_base", 0, math.inf, open_low=True),
@@ -400,6 +400,21 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
 def parse_optimizer(node: Any, path: str) -> Optimizer:
     """The optimizer keys of one stage section (`pretrain`, ...), typed and validated."""
     return _optimizer(_Section(node, path))
+
+
+def _lora(lo: _Section) -> Lora:
+    lora = Lora(
+        rank=lo.int("rank", 0),
+        alpha=lo.num("alpha", 0, math.inf, open_low=True),
+        dropout=lo.num("dropout", 0, 1, open_high=True),
+        targets=lo.strings("targets", "LoRA target names"),
+    )
+    lo.done()
+    if bad := [t for t in lora.targets if t not in LORA_TARGETS]:
+        fail(lo.key("targets"), lora.targets, f"a subset of {LORA_TARGETS} (not {bad})")
+    if lora.rank > 0 and not lora.targets:
+        fail(lo.key("targets"), lora.targets, "at least one target when rank > 0")
+    return lora
 
 
 def _optimizer(s: _Section) -> Optimizer:
@@ -563,7 +578,9 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     post_seed = s2.raw("seed")
     if post_seed != -1:
         post_seed = s2.int("seed", 0)
+    lora = _lora(s2.section("lora"))
     posttrain = Posttrain(
+        lora=lora,
         seed=seed if post_seed == -1 else post_seed,
         batch=(b2 := _batch(s2, "batch", rows, num_processes)),
         max_tokens=s2.int("max_tokens", 0),

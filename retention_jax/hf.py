@@ -194,19 +194,15 @@ def export(model_or_state: nnx.Module | nnx.State, cfg: config.Model, out_dir: s
     """
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(state))
+    params, cfg = model_lib.merge_lora(params, cfg)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     layers = params["layers"]
-    scale = cfg.lora.alpha / max(cfg.lora.rank, 1)
     tensors = {
         "model.embed_tokens.weight": params["embed"],
         "model.norm.weight": params["final_norm"],
     }
     for ours, (theirs, _, to_hf) in _layer_map(cfg).items():
         w = layers[ours]
-        if f"{ours}_lora_a" in layers:
-            a, b = layers[f"{ours}_lora_a"], layers[f"{ours}_lora_b"]
-            w = w + scale * np.stack(
-                [np.tensordot(a[i], b[i], axes=1) for i in range(cfg.n_layers)]
-            )
         for i in range(cfg.n_layers):
             tensors[f"model.layers.{i}.{theirs}.weight"] = to_hf(w[i])
     if not cfg.tie_embeddings:

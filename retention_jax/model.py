@@ -18,6 +18,7 @@ Shape letters: B batch, L length, T = B*L tokens, D d_model, H heads, K kv heads
 G = H/K query heads per kv head, E head_dim, F d_mlp, V vocab.
 """
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -91,7 +92,8 @@ class Layers(nnx.Module):
         self.mlp_norm = param(nnx.Param, ("layers", "embed"), "ones")
         for name, (ins, outs) in _PROJ.items():
             setattr(self, name, param(nnx.Param, ("layers", *ins, *outs)))
-        self.lora_targets = tuple(cfg.lora.targets) if cfg.lora.rank > 0 else ()
+        targets = cfg.lora.targets if cfg.lora.rank > 0 else ()
+        self.lora_targets = tuple(t for t in targets if t in _PROJ)  # "head" is the model's
         for name in self.lora_targets:
             ins, outs = _PROJ[name]
             setattr(self, f"{name}_lora_a", param(LoRAParam, ("layers", *ins, "lora")))
@@ -122,6 +124,11 @@ class Transformer(nnx.Module):
                 * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), dtype),
                 out_sharding=("embed", "vocab"),
             )
+        if cfg.lora.rank > 0 and "head" in cfg.lora.targets:
+            a = cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.lora.rank), dtype)
+            self.head_lora_a = LoRAParam(a, out_sharding=("embed", "lora"))
+            zeros = jnp.zeros((cfg.lora.rank, cfg.vocab_size), dtype)
+            self.head_lora_b = LoRAParam(zeros, out_sharding=("lora", "vocab"))
 
     def __call__(
         self,
@@ -155,13 +162,14 @@ class Transformer(nnx.Module):
         return self.trunk(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
 
     def head_weight(self) -> jax.Array:
-        """The LM head (embed, vocab) in the compute dtype (the embedding when tied)."""
+        """The LM head (embed, vocab) in the compute dtype (the embedding when tied), with
+        its LoRA adapter as a weight delta (LoRA dropout applies to the layer targets)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        return (
-            self.embed[...].astype(dtype).T
-            if self.cfg.tie_embeddings
-            else self.head[...].astype(dtype)
-        )
+        w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        if hasattr(self, "head_lora_a"):
+            scale = self.cfg.lora.alpha / self.cfg.lora.rank
+            w_DxV = w_DxV + scale * (self.head_lora_a[...] @ self.head_lora_b[...])
+        return w_DxV.astype(dtype)
 
     def decode(
         self,
@@ -449,6 +457,30 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def merge_lora(params: dict, cfg: config.Model) -> tuple[dict, config.Model]:
+    """Adapters folded into their weights (W + alpha/rank · A @ B), and the model without
+    them. A head adapter on tied embeddings unties the head (the embedding stays as it
+    was): the merged model computes the same function. `params` is a pure dict."""
+    if cfg.lora.rank == 0:
+        return params, cfg
+    scale = cfg.lora.alpha / cfg.lora.rank
+    out = {k: v for k, v in params.items() if not k.startswith("head_lora")}
+    layers = dict(params["layers"])
+    for t in cfg.lora.targets:
+        if t == "head":
+            continue
+        a, b = layers.pop(f"{t}_lora_a"), layers.pop(f"{t}_lora_b")
+        delta = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(a, b)
+        layers[t] = layers[t] + scale * delta.astype(layers[t].dtype)
+    out["layers"] = layers
+    merged = dataclasses.replace(cfg, lora=config.Lora(0, cfg.lora.alpha, 0.0, ()))
+    if "head" in cfg.lora.targets:
+        head = params["embed"].T if cfg.tie_embeddings else params["head"]
+        out["head"] = head + scale * (params["head_lora_a"] @ params["head_lora_b"])
+        merged = dataclasses.replace(merged, tie_embeddings=False)
+    return out, merged
 
 
 def count_params(cfg: config.Model) -> int:

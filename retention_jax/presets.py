@@ -31,7 +31,6 @@ def _model(**kw) -> mlc.ConfigDict:
             attention="auto",  # auto | einsum | xla | cudnn | splash (model.attention_impl)
             loss_chunk=0,  # positions per cross-entropy chunk; 0 = all logits at once
             dropout=dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0),
-            lora=dict(rank=0, alpha=128.0, dropout=0.0, targets=("o", "gate", "up", "down")),
         )
     )
     c.update(kw)

@@ -9,12 +9,15 @@ COMPUTE_MATCHED = " (compute-matched)"
 
 
 def method_of(row: dict) -> str:
-    """'unmixed' (lam == 0) or 'mixed', then '+dropout', '+replay', ' (compute-matched)'."""
+    """'unmixed' (lam == 0) or 'mixed', then '+dropout', '+replay', '+lora' (LoRA
+    post-training), ' (compute-matched)'."""
     name = "mixed" if row.get("lam", 0.0) > 0 else "unmixed"
     if row.get("dropout", 0.0) > 0:
         name += "+dropout"
     if row.get("replay", 0.0) > 0:
         name += "+replay"
+    if row.get("lora_rank", 0) > 0:
+        name += "+lora"
     if row.get("compute_matched", False):
         name += COMPUTE_MATCHED
     return name
@@ -42,6 +45,8 @@ def row(ids: dict, exp, swept: dict, results: dict, model_params: int) -> dict:
         "post_batch": exp.posttrain.batch,
         "dropout": exp.posttrain.dropout,
         "replay": exp.posttrain.replay,
+        "lora_rank": exp.posttrain.lora.rank,
+        "lora_dropout": exp.posttrain.lora.dropout,
         "ft_lr": exp.finetune.optimizer.lr,
         "L_im": post["val"]["post"],
         "L_ret": ft["val"]["post"],

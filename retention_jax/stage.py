@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 from etils import epath
+from flax import nnx
 
 from retention_jax import callbacks as cb
 from retention_jax import checkpoint, config, data, evaluate, fileio, trainer
@@ -54,15 +55,7 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
     if start.kind == "resume":
         return _resume(mngr, fns, batches)
     if start.kind == "branch":  # parameters only
-        ckpt = os.path.join(start.parent_dir, "ckpt")
-        try:
-            params = checkpoint.restore_params(ckpt, start.step, fns.state_shapes.params)
-        except Exception as e:
-            raise RuntimeError(
-                f"parent {start.parent_dir} finished, but its result step {start.step} cannot "
-                f"be restored from {ckpt} ({type(e).__name__}: {e}); rerun the parent: remove "
-                f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
-            ) from e
+        params = _branch_params(start, fns, exp, name)
     elif name == "pretrain" and exp.pretrain.init:
         from retention_jax import hf  # the hf extra (safetensors); only this start needs it
 
@@ -72,6 +65,38 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
         params = trainer.init_params(fns, exp.model_for(name), exp.rules, exp.seed)
     schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)
     return trainer.fresh_state(fns, params, schedule), cb.Record.fresh()
+
+
+def _branch_params(start: Start, fns: trainer.StepFunctions, exp, name: str):
+    """The parent's result parameters in this stage's model: LoRA adapters start fresh
+    (B = 0, so the function is the parent's) when post-training adds them, and are
+    merged into the weights when fine-tuning follows a LoRA post-training."""
+    ckpt = os.path.join(start.parent_dir, "ckpt")
+    parent_model = exp.model_for(config.STAGES[config.STAGES.index(name) - 1])
+    model = exp.model_for(name)
+    try:
+        if parent_model.lora.rank > 0:
+            _, target = model_lib.abstract_state(parent_model, fns.mesh, exp.rules)
+            restored = checkpoint.restore_params(ckpt, start.step, target)
+        elif model.lora.rank > 0:
+            base, _ = nnx.split_state(fns.state_shapes.params, model_lib.BASE_PARAMS, ...)
+            restored = checkpoint.restore_params(ckpt, start.step, base)
+        else:
+            return checkpoint.restore_params(ckpt, start.step, fns.state_shapes.params)
+    except Exception as e:
+        raise RuntimeError(
+            f"parent {start.parent_dir} finished, but its result step {start.step} cannot "
+            f"be restored from {ckpt} ({type(e).__name__}: {e}); rerun the parent: remove "
+            f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
+        ) from e
+    if model.lora.rank > 0:
+        fresh = trainer.init_params(fns, model, exp.rules, exp.stage_seed(name))
+        return nnx.merge_state(restored, nnx.split_state(fresh, model_lib.LoRAParam, ...)[0])
+    merged, _ = model_lib.merge_lora(nnx.to_pure_dict(restored), parent_model)
+    shapes = fns.state_shapes.params
+    params = jax.tree.map(lambda a: a, shapes)  # a copy to fill in
+    nnx.replace_by_pure_dict(params, merged)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), params, shapes)
 
 
 def _resume(mngr, fns: trainer.StepFunctions, batches):

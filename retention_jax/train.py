@@ -76,7 +76,15 @@ def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return jax.tree.map(lambda a: a.reshape(a.shape[0] // n, n, *a.shape[1:]), batch)
 
 
-def _grads(graphdef, params, batch, key, n: int):
+def trainable(params: nnx.State, lora_only: bool) -> tuple[nnx.State, nnx.State | None]:
+    """(what the optimizer updates, what stays frozen): the LoRA adapters and the base
+    weights under LoRA post-training, else every parameter and nothing."""
+    if not lora_only:
+        return params, None
+    return nnx.split_state(params, nnx.LoRAParam, ...)
+
+
+def _grads(graphdef, params, batch, key, n: int, frozen: nnx.State | None = None):
     """(summed loss, tokens, gradient of the summed loss), over `n` microbatches.
 
     With n > 1 a scan runs forward and backward on one microbatch at a time and sums
@@ -84,7 +92,11 @@ def _grads(graphdef, params, batch, key, n: int):
     the total token count later gives exactly the full batch's mean-loss gradient.
     Microbatch m draws dropout from fold_in(key, m).
     """
-    value_and_grad = jax.value_and_grad(lambda p, b, k: _forward(graphdef, p, b, k), has_aux=True)
+
+    def loss(p, b, k):
+        return _forward(graphdef, p if frozen is None else nnx.merge_state(p, frozen), b, k)
+
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
     if n == 1:
         (loss_sum, ntok), grads = value_and_grad(params, batch, key)
         return loss_sum, ntok, grads
@@ -113,24 +125,29 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on the mean loss over the batch's real target tokens.
 
-    `static["microbatches"]` splits the batch for gradient accumulation
-    inside this one step: one optimizer update, the same result as the whole batch.
+    `static["microbatches"]` splits the batch for gradient accumulation inside this one
+    step: one optimizer update, the same result as the whole batch. Under
+    `static["lora_only"]` only the adapters get gradients and optimizer state.
     """
     key = jax.random.fold_in(rng, state.step)
-    loss_sum, ntok, grad_sums = _grads(graphdef, state.params, batch, key, static["microbatches"])
+    train_params, frozen = trainable(state.params, static["lora_only"])
+    n = static["microbatches"]
+    loss_sum, ntok, grad_sums = _grads(graphdef, train_params, batch, key, n, frozen)
     scale = 1.0 / jnp.maximum(ntok, 1.0)
     loss = loss_sum * scale
     grads = jax.tree.map(lambda g: g * scale, grad_sums)
-    adam, opt = make_tx(static).update(grads, state.opt, state.params)
+    adam, opt = make_tx(static).update(grads, state.opt, train_params)
     lr = learning_rate(state.step, state.hp)
     wd = state.hp["weight_decay"]
     exclude = tuple(static["decay_exclude"])
     updates = jax.tree_util.tree_map_with_path(
         lambda path, u, p: -lr * (u + wd * p if decays(path, exclude) else u),
         adam,
-        state.params,
+        train_params,
     )
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(train_params, updates)
+    if frozen is not None:
+        params = nnx.merge_state(params, frozen)
     metrics = {
         "loss": loss,
         "tokens": ntok,

@@ -67,14 +67,23 @@ def step_functions(
     model: config.Model, optimizer: config.Optimizer, mesh: jax.sharding.Mesh, rules
 ) -> StepFunctions:
     """Builds the sharded, donating, jitted train and eval steps (nothing is compiled)."""
-    static = optimizer.static()
+    lora_only = model.lora.rank > 0
+    static = {**optimizer.static(), "lora_only": lora_only}
     tx = train.make_tx(static)
     graphdef, abs_params = model_lib.abstract_state(model, mesh, rules)
     param_sh = jax.tree.map(lambda x: x.sharding, abs_params)
     replicated = NamedSharding(mesh, P())
-    abs_opt = jax.eval_shape(tx.init, abs_params)
+
+    def init_opt(params):  # optimizer state for the trained parameters only
+        return tx.init(train.trainable(params, lora_only)[0])
+
+    abs_opt = jax.eval_shape(init_opt, abs_params)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+        tx,
+        lambda _, s: s,
+        abs_opt,
+        train.trainable(param_sh, lora_only)[0],
+        transform_non_params=lambda _: replicated,
     )
     hp_sh = {k: replicated for k in train.HPARAMS}
     state_sh = train.TrainState(replicated, param_sh, opt_sh, hp_sh)
@@ -97,9 +106,15 @@ def step_functions(
         in_shardings=(param_sh, batch_sh),
         out_shardings=replicated,
     )
-    init_opt = jax.jit(tx.init, out_shardings=opt_sh)
     return StepFunctions(
-        graphdef, mesh, state_sh, batch_sh, state_shapes, train_fn, eval_fn, init_opt
+        graphdef,
+        mesh,
+        state_sh,
+        batch_sh,
+        state_shapes,
+        train_fn,
+        eval_fn,
+        jax.jit(init_opt, out_shardings=opt_sh),
     )
 
 

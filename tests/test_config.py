@@ -43,8 +43,8 @@ def test_shipped_configs_validate_and_expand(module, arg, devices, nodes):
         ("model.dtype", "float16", "config key model.dtype='float16': float32 | bfloat16"),
         ("model.remat", "some", "config key model.remat='some': none | full | dots"),
         ("model.dropout.attn", 1.0, "model.dropout.attn=1.0"),
-        ("model.lora.targets", ("q", "qkv"), "model.lora.targets"),
-        ("model.lora.rank", 8, "config key model.lora.rank=8: 0 (LoRA stages"),
+        ("posttrain.lora.targets", ("q", "qkv"), "config key posttrain.lora.targets=('q', 'qkv')"),
+        ("posttrain.lora.rank", -8, "config key posttrain.lora.rank=-8: an integer >= 0"),
         ("pretrain.decay_exclude", ("norm", 3), "pretrain.decay_exclude=('norm', 3)"),
         (
             "pretrain.batch",

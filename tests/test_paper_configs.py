@@ -35,6 +35,7 @@ GRAPHS = [
     *[(paper_135m, p, _counts_of(2, 2 * 15, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},dropout", _counts_of(2, 2 * 15 * 2, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},replay", _counts_of(2, 2 * 15, N_FT)) for p in corpora.PIPELINES],
+    *[(paper_135m, f"{p},lora", _counts_of(2, 2 * 15 * 3, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},{a},smoke", _counts_of(2, 2 * (2 if a == "dropout" else 1), 2))
       for p in corpora.PIPELINES for a in paper_135m.ARMS],
     *[(paper_1b, p, _counts_of(2, 2 * 5, N_FT)) for p in corpora.PIPELINES],
@@ -219,3 +220,17 @@ def test_bad_arguments_are_named():
         ValueError, match=r"config argument 'added,replay': expected NAME\[,smoke\]"
     ):
         lambda_sweep.get_config("added,replay")
+
+
+def test_fig7_lora_arm_follows_table_9():
+    c = paper_135m.get_config("musicpile-chempile,lora")
+    post = [n for n in experiment.expand(c, 32) if n.stage == "posttrain"]
+    loras = {n.exp.posttrain.lora for n in post}
+    assert {(x.rank, x.alpha, x.dropout) for x in loras} == {
+        (64, 128.0, d) for d in (0.0, 0.02, 0.05)
+    }
+    assert {x.targets for x in loras} == {("o", "gate", "up", "down", "head")}  # no q, k, v
+    assert {n.exp.posttrain.optimizer.lr for n in post} == {1e-4, 2e-4, 5e-4, 1e-3, 5e-3}
+    ft = next(n for n in experiment.expand(c, 32) if n.stage == "finetune")
+    assert ft.exp.model_for("finetune").lora.rank == 0  # full fine-tuning of merged weights
+    assert not ft.exp.model_for("finetune").tie_embeddings  # the merged head adapter unties
