@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib.figure import Figure
 
+from retention_jax import fileio
 from retention_jax.analysis import frontier, paper, report, results
 from retention_jax.analysis.results import method, pipeline
 
@@ -228,19 +229,6 @@ def draw_lambda(
     return fig
 
 
-def _write(path: str, data: bytes) -> None:
-    try:
-        from etils import epath
-    except ImportError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        return
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-
-
 def save(fig: Figure, path_without_ext: str) -> list[str]:
     """Writes `fig` as PNG and PDF (local or gs://); returns the paths."""
     paths = []
@@ -248,7 +236,7 @@ def save(fig: Figure, path_without_ext: str) -> list[str]:
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=150)
         paths.append(f"{path_without_ext}.{ext}")
-        _write(paths[-1], buf.getvalue())
+        fileio.write_bytes(paths[-1], buf.getvalue())
     return paths
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 
+from retention_jax import fileio
 from retention_jax.analysis.results import method_of
 
 
@@ -70,8 +71,6 @@ def rows(
 
 def write(workdir: str, rows: list[dict]) -> str:
     """Writes <workdir>/results.jsonl; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "results.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
