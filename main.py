@@ -36,7 +36,7 @@ def main(argv):
     )
     if rows and jax.process_index() == 0:
         print(report.table(rows))
-        print(report.format_compare(report.compare(rows)))
+        print(report.format_summary(report.summary(rows)))
         for path in figures.draw_all(_WORKDIR.value):
             print("figure:", path)
 

@@ -229,3 +229,99 @@ def lambda_curves(
             for lam, mine in sorted(by_lam.items())
         ]
     return curves
+
+
+def _added(rows: list[dict]) -> list[dict]:
+    return [r for r in _plain(rows) if not r.get("compute_matched", False)]
+
+
+def exposure_share(rows: list[dict]) -> float | None:
+    """D_post tokens of stage 1 over all its tokens, at the largest λ; None when the rows
+    do not record stage-1 tokens."""
+    top = max((r.get("lam", 0.0) for r in rows), default=0.0)
+    seen = [r["tokens"]["pretrain"] for r in rows if r.get("lam") == top and "tokens" in r]
+    if not seen:
+        return None
+    return seen[0]["post"] / sum(seen[0].values())
+
+
+def convergence(rows: list[dict]) -> dict:
+    """Over the post-training runs that are not compute-matched: how many stopped early,
+    and the most of its cap (post_steps / post_planned_steps) any of them used."""
+    runs = [r for r in _post_runs(rows).values() if not r.get("compute_matched", False)]
+    used = [r["post_steps"] / r["post_planned_steps"] for r in runs if r.get("post_planned_steps")]
+    stopped = sum(stage2_end(r) == "stopped" for r in runs)
+    return {
+        "runs": len(runs),
+        "stopped_early": stopped,
+        "all_converged": bool(runs) and stopped == len(runs),
+        "max_cap_used": max(used, default=math.nan),
+    }
+
+
+def forgetting(rows: list[dict]) -> dict[float, float]:
+    """Stage-3 LR -> median relative forgetting (L_ret - L_im) / L_im over its leaves."""
+    by = defaultdict(list)
+    for r in _plain(rows):
+        by[r["ft_lr"]].append((r["L_ret"] - r["L_im"]) / r["L_im"])
+    return {lr: float(np.median(v)) for lr, v in sorted(by.items())}
+
+
+def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
+    """Everything the built-in experiment reports, computed from its rows.
+
+    Keys: convergence (see `convergence`), share (`exposure_share`), ft_lr (the stage-3
+    LR of the λ readings, default the one closest to 5e-5), forgetting (per stage-3 LR),
+    settings: (post_lr, post_batch) -> {"added": [LambdaPoint], "L_im_spread": max - min
+    of the added arm's L_im over λ, "compute_matched": [LambdaPoint], "best_lam": the
+    compute-matched λ of lowest L_ret}, and frontiers (`compare` of mixed against
+    unmixed, both views).
+    """
+    if ft_lr is None and _plain(rows):
+        ft_lr = reference_ft_lr(_plain(rows))
+    settings = {}
+    for post in stage2_settings(rows):
+        curves = lambda_curves(rows, ft_lr=ft_lr, post=post)
+        added = next((c for (cm, _), c in curves.items() if not cm), [])
+        matched = next((c for (cm, _), c in curves.items() if cm), [])
+        l_im = [p.L_im for p in added]
+        settings[post] = {
+            "added": added,
+            "L_im_spread": max(l_im) - min(l_im) if l_im else math.nan,
+            "compute_matched": matched,
+            "best_lam": min(matched, key=lambda p: p.L_ret).lam if matched else None,
+        }
+    return {
+        "convergence": convergence(rows),
+        "share": exposure_share(rows),
+        "ft_lr": ft_lr,
+        "forgetting": forgetting(rows),
+        "settings": settings,
+        "frontiers": compare(_added(rows)),
+    }
+
+
+def format_summary(s: dict) -> str:
+    """`summary`'s output as the lines main.py prints."""
+    conv = s["convergence"]
+    share = "n/a" if s["share"] is None else f"{s['share']:.1%}"
+    lines = [
+        f"stage 2 converged: {'yes' if conv['all_converged'] else 'NO'} "
+        f"({conv['stopped_early']} of {conv['runs']} runs stopped early; the longest used "
+        f"{conv['max_cap_used']:.0%} of its cap)",
+        f"exposure share of stage 1 at the largest λ: {share}",
+        "relative forgetting (L_ret - L_im) / L_im per stage-3 LR: "
+        + ", ".join(f"{lr:g}: {v:+.1%}" for lr, v in s["forgetting"].items()),
+    ]
+    for (post_lr, batch), c in s["settings"].items():
+        head = f"stage 2 LR {post_lr:g}, batch {batch}; stage 3 LR {s['ft_lr']:g}"
+        lines.append(f"{head}: added (Fig. 3a), L_im spread over λ {c['L_im_spread']:.4f}")
+        lines += [f"  λ {p.lam:.2f}  L_im {p.L_im:.4f}  L_ret {p.L_ret:.4f}" for p in c["added"]]
+        if c["compute_matched"]:
+            lines.append(f"{head}: compute-matched (Fig. 3b), best λ {c['best_lam']:.2f}")
+            lines += [
+                f"  λ {p.lam:.2f}  L_im {p.L_im:.4f}  L_ret {p.L_ret:.4f}"
+                for p in c["compute_matched"]
+            ]
+    lines.append(format_compare(s["frontiers"]))
+    return "\n".join(lines)
