@@ -146,6 +146,10 @@ def test_summary_is_computed_from_the_results_file(tmp_path):
             got = [(p.lam, p.L_im, p.L_ret) for p in c[key]]
             want = [(lam, *_law(lam, cm, post_lr, 5e-5)) for lam in (0.0, 0.5, 1.0)]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        assert c["L_ret_by_ft_lr"] == {
+            lr: [pytest.approx(_law(lam, False, post_lr, lr)[1], abs=1e-12) for lam in (0, 0.5, 1)]
+            for lr in (5e-5, 2e-4, 1e-3)
+        }
         l_im = [_law(lam, False, post_lr, 5e-5)[0] for lam in (0.0, 0.5, 1.0)]
         assert c["L_im_spread"] == pytest.approx(max(l_im) - min(l_im), abs=1e-12)
         l_ret = {lam: _law(lam, True, post_lr, 5e-5)[1] for lam in (0.0, 0.5, 1.0)}

@@ -272,10 +272,10 @@ def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
 
     Keys: convergence (see `convergence`), share (`exposure_share`), ft_lr (the stage-3
     LR of the λ readings, default the one closest to 5e-5), forgetting (per stage-3 LR),
-    settings: (post_lr, post_batch) -> {"added": [LambdaPoint], "L_im_spread": max - min
-    of the added arm's L_im over λ, "compute_matched": [LambdaPoint], "best_lam": the
-    compute-matched λ of lowest L_ret}, and frontiers (`compare` of mixed against
-    unmixed, both views).
+    settings: (post_lr, post_batch) -> {"added": [LambdaPoint], "L_ret_by_ft_lr": stage-3
+    LR -> the added arm's L_ret per λ, "L_im_spread": max - min of its L_im over λ,
+    "compute_matched": [LambdaPoint], "best_lam": the compute-matched λ of lowest L_ret},
+    and frontiers (`compare` of mixed against unmixed, both views).
     """
     if ft_lr is None and _plain(rows):
         ft_lr = reference_ft_lr(_plain(rows))
@@ -285,8 +285,13 @@ def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
         added = next((c for (cm, _), c in curves.items() if not cm), [])
         matched = next((c for (cm, _), c in curves.items() if cm), [])
         l_im = [p.L_im for p in added]
+        by_ft_lr = {}
+        for lr in sorted({r["ft_lr"] for r in _added(rows)}):
+            at = lambda_curves(rows, ft_lr=lr, post=post)
+            by_ft_lr[lr] = next(([p.L_ret for p in c] for (cm, _), c in at.items() if not cm), [])
         settings[post] = {
             "added": added,
+            "L_ret_by_ft_lr": by_ft_lr,
             "L_im_spread": max(l_im) - min(l_im) if l_im else math.nan,
             "compute_matched": matched,
             "best_lam": min(matched, key=lambda p: p.L_ret).lam if matched else None,
@@ -317,6 +322,10 @@ def format_summary(s: dict) -> str:
         head = f"stage 2 LR {post_lr:g}, batch {batch}; stage 3 LR {s['ft_lr']:g}"
         lines.append(f"{head}: added (Fig. 3a), L_im spread over λ {c['L_im_spread']:.4f}")
         lines += [f"  λ {p.lam:.2f}  L_im {p.L_im:.4f}  L_ret {p.L_ret:.4f}" for p in c["added"]]
+        lams = ", ".join(f"{p.lam:g}" for p in c["added"])
+        for lr, l_ret in c["L_ret_by_ft_lr"].items():
+            values = ", ".join(f"{v:.4f}" for v in l_ret)
+            lines.append(f"  stage 3 LR {lr:g}: L_ret at λ = {lams}: {values}")
         if c["compute_matched"]:
             lines.append(f"{head}: compute-matched (Fig. 3b), best λ {c['best_lam']:.2f}")
             lines += [
