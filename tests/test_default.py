@@ -39,7 +39,7 @@ def test_default_graph_sizes_follow_the_protocol():
             assert plan.tokens["post"] == round((1 - lam) * pool)  # the rest, one pass
         else:
             assert n.exp.early_stopping("posttrain")
-            assert plan.tokens["post"] == 50 * pool  # the cap: 50 epochs of the pool
+            assert plan.tokens["post"] == 75 * pool  # the cap: 75 epochs of the pool
 
 
 def test_unknown_variant_is_refused():
