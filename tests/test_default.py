@@ -138,10 +138,10 @@ def test_summary_is_computed_from_the_results_file(tmp_path):
         "all_converged": True,
         "max_cap_used": 0.4,
     }
-    assert s["share"] == pytest.approx(50 / 1_050)
+    assert s["share"] == {100_000: pytest.approx(50 / 1_050)}
     assert s["ft_lr"] == 5e-5
-    assert list(s["settings"]) == [(1e-3, 16), (2e-3, 16)]
-    for (post_lr, _), c in s["settings"].items():
+    assert list(s["settings"]) == [(1e-3, 16, 100_000), (2e-3, 16, 100_000)]
+    for (post_lr, _, _), c in s["settings"].items():
         for cm, key in ((False, "added"), (True, "compute_matched")):
             got = [(p.lam, p.L_im, p.L_ret) for p in c[key]]
             want = [(lam, *_law(lam, cm, post_lr, 5e-5)) for lam in (0.0, 0.5, 1.0)]
@@ -163,7 +163,7 @@ def test_summary_is_computed_from_the_results_file(tmp_path):
     assert s["frontiers"]["music->chem, |D_post| 100K"]["(L_ft, L_ret)"]["b_dominated_by_a"] == 1.0
     text = report.format_summary(s)
     assert "stage 2 converged: yes (6 of 6 runs stopped early" in text
-    assert "exposure share of stage 1 at the largest λ: 4.8%" in text
+    assert "exposure share of stage 1 at the largest λ: 4.8% (|D_post| 100K)" in text
 
     # One changed line of the file changes the reading it feeds, and nothing else.
     path = os.path.join(str(tmp_path), "results.jsonl")
@@ -178,8 +178,8 @@ def test_summary_is_computed_from_the_results_file(tmp_path):
     target["L_ret"] = 9.0
     synthetic.write(str(tmp_path), edited)
     again = report.summary(results.load(str(tmp_path)))
-    assert again["settings"][1e-3, 16]["added"][-1].L_ret == 9.0
-    assert again["settings"][2e-3, 16] == s["settings"][2e-3, 16]
+    assert again["settings"][1e-3, 16, 100_000]["added"][-1].L_ret == 9.0
+    assert again["settings"][2e-3, 16, 100_000] == s["settings"][2e-3, 16, 100_000]
 
 
 def test_summary_counts_capped_runs():
