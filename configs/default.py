@@ -1,7 +1,10 @@
 r"""The built-in experiment: the paper's three-stage pipeline on a laptop CPU.
 
-  python main.py                                   # this config
-  python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # ~1 minute
+  python main.py                                   # this config, 8.4 CPU-minutes
+  python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # 3.2 CPU-minutes
+
+(CPU-minutes: user + system time on a 2-core machine; 13.3 minutes of wall time there
+while other jobs shared it.) 48 nodes: 3 pretraining, 9 post-training, 36 fine-tuning.
 
 Built-in domains stand for C4 → MusicPile → ChemPile (prose → music → chem), a
 0.9M-parameter model, 128-token sequences, batch 16 in every stage. The sizes are the
