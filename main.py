@@ -48,7 +48,7 @@ def main(argv):
         failed, rows = e, e.rows
     if rows and jax.process_index() == 0:
         print(report.table(rows))
-        print(report.format_compare(report.compare(rows)))
+        print(report.format_summary(report.summary(rows)))
         paths = figures.draw_all(_WORKDIR.value)
         workdir = _WORKDIR.value
         print(f"results: {os.path.join(workdir, experiment.RESULTS)}")

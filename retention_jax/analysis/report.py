@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from retention_jax.analysis import frontier, paper
+from retention_jax.analysis import frontier, paper, results
 from retention_jax.analysis.results import group, method, pipeline
 
 VIEWS = (("L_ft", "L_ret"), ("L_ret", "L_pre"))  # (x, y) projections of the paper's Fig. 2
@@ -229,3 +229,116 @@ def lambda_curves(
             for lam, mine in sorted(by_lam.items())
         ]
     return curves
+
+
+def _added(rows: list[dict]) -> list[dict]:
+    return [r for r in _plain(rows) if not r.get("compute_matched", False)]
+
+
+def exposure_share(rows: list[dict]) -> dict:
+    """|D_post| -> D_post tokens of stage 1 over all its tokens at the largest λ; empty
+    when the rows do not record stage-1 tokens."""
+    top = max((r.get("lam", 0.0) for r in rows), default=0.0)
+    out = {}
+    for r in rows:
+        if r.get("lam") == top and "tokens" in r:
+            seen = r["tokens"]["pretrain"]
+            out[r.get("pool_tokens")] = seen["post"] / sum(seen.values())
+    return dict(sorted(out.items(), key=lambda kv: kv[0] or 0))
+
+
+def convergence(rows: list[dict]) -> dict:
+    """Over the post-training runs that are not compute-matched: how many stopped early,
+    and the most of its cap (post_steps / post_planned_steps) any of them used."""
+    runs = [r for r in _post_runs(rows).values() if not r.get("compute_matched", False)]
+    used = [r["post_steps"] / r["post_planned_steps"] for r in runs if r.get("post_planned_steps")]
+    stopped = sum(stage2_end(r) == "stopped" for r in runs)
+    return {
+        "runs": len(runs),
+        "stopped_early": stopped,
+        "all_converged": bool(runs) and stopped == len(runs),
+        "max_cap_used": max(used, default=math.nan),
+    }
+
+
+def forgetting(rows: list[dict]) -> dict[float, float]:
+    """Stage-3 LR -> median relative forgetting (L_ret - L_im) / L_im over its leaves."""
+    by = defaultdict(list)
+    for r in _plain(rows):
+        by[r["ft_lr"]].append((r["L_ret"] - r["L_im"]) / r["L_im"])
+    return {lr: float(np.median(v)) for lr, v in sorted(by.items())}
+
+
+def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
+    """Everything the built-in experiment reports, computed from its rows.
+
+    Keys: convergence (see `convergence`), share (`exposure_share`), ft_lr (the stage-3
+    LR of the λ readings, default the one closest to 5e-5), forgetting (per stage-3 LR),
+    settings: (post_lr, post_batch, pool_tokens) -> {"added": [LambdaPoint],
+    "L_ret_by_ft_lr": stage-3 LR -> the added arm's L_ret per λ, "L_im_spread": max - min
+    of its L_im over λ,
+    "compute_matched": [LambdaPoint], "best_lam": the compute-matched λ of lowest L_ret},
+    and frontiers (`compare` of mixed against unmixed, both views).
+    """
+    if ft_lr is None and _plain(rows):
+        ft_lr = reference_ft_lr(_plain(rows))
+    settings = {}
+    for post in stage2_settings(rows):
+        curves = lambda_curves(rows, ft_lr=ft_lr, post=post)
+        for pool in sorted({p for _, p in curves}, key=lambda p: p or 0):
+            added, matched = curves.get((False, pool), []), curves.get((True, pool), [])
+            by_ft_lr = {}
+            for lr in sorted({r["ft_lr"] for r in _added(rows)}):
+                at = lambda_curves(rows, ft_lr=lr, post=post).get((False, pool), [])
+                by_ft_lr[lr] = [p.L_ret for p in at]
+            l_im = [p.L_im for p in added]
+            settings[(*post, pool)] = {
+                "added": added,
+                "L_ret_by_ft_lr": by_ft_lr,
+                "L_im_spread": max(l_im) - min(l_im) if l_im else math.nan,
+                "compute_matched": matched,
+                "best_lam": min(matched, key=lambda p: p.L_ret).lam if matched else None,
+            }
+    return {
+        "convergence": convergence(rows),
+        "share": exposure_share(rows),
+        "ft_lr": ft_lr,
+        "forgetting": forgetting(rows),
+        "settings": settings,
+        "frontiers": compare(_added(rows)),
+    }
+
+
+def format_summary(s: dict) -> str:
+    """`summary`'s output as the lines main.py prints."""
+    conv = s["convergence"]
+    share = ", ".join(
+        f"{v:.1%} (|D_post| {results.tokens_label(pool)})" for pool, v in s["share"].items()
+    )
+    lines = [
+        f"stage 2 converged: {'yes' if conv['all_converged'] else 'NO'} "
+        f"({conv['stopped_early']} of {conv['runs']} runs stopped early; the longest used "
+        f"{conv['max_cap_used']:.0%} of its cap)",
+        f"exposure share of stage 1 at the largest λ: {share or 'n/a'}",
+        "relative forgetting (L_ret - L_im) / L_im per stage-3 LR: "
+        + ", ".join(f"{lr:g}: {v:+.1%}" for lr, v in s["forgetting"].items()),
+    ]
+    for (post_lr, batch, pool), c in s["settings"].items():
+        head = (
+            f"|D_post| {results.tokens_label(pool)}, stage 2 LR {post_lr:g}, batch {batch}; "
+            f"stage 3 LR {s['ft_lr']:g}"
+        )
+        lines.append(f"{head}: added (Fig. 3a), L_im spread over λ {c['L_im_spread']:.4f}")
+        lines += [f"  λ {p.lam:.2f}  L_im {p.L_im:.4f}  L_ret {p.L_ret:.4f}" for p in c["added"]]
+        lams = ", ".join(f"{p.lam:g}" for p in c["added"])
+        for lr, l_ret in c["L_ret_by_ft_lr"].items():
+            values = ", ".join(f"{v:.4f}" for v in l_ret)
+            lines.append(f"  stage 3 LR {lr:g}: L_ret at λ = {lams}: {values}")
+        if c["compute_matched"]:
+            lines.append(f"{head}: compute-matched (Fig. 3b), best λ {c['best_lam']:.2f}")
+            lines += [
+                f"  λ {p.lam:.2f}  L_im {p.L_im:.4f}  L_ret {p.L_ret:.4f}"
+                for p in c["compute_matched"]
+            ]
+    lines.append(format_compare(s["frontiers"]))
+    return "\n".join(lines)
