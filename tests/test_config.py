@@ -10,8 +10,8 @@ from retention_jax import config, data, experiment
 
 # (config module, argument, devices it is validated for, nodes in its graph)
 SHIPPED = [
-    (default, "", 8, 2 + 4 + 16),
-    (default, "smoke", 8, 2 + 2 + 4),
+    (default, "", 8, 3 + 9 + 36),
+    (default, "smoke", 8, 3 + 6 + 12),
     *[(paper_135m, p, 32, 2 + 30 + 180) for p in corpora.PIPELINES],
     *[(paper_135m, p + ",smoke", 8, 2 + 2 + 4) for p in corpora.PIPELINES],
     *[(paper_1b, p, 256, 2 + 10 + 60) for p in corpora.PIPELINES],
@@ -116,7 +116,7 @@ def test_linked_sweep_keys_change_together():
         (("posttrain.compute_matched", "posttrain.warmup_fraction"), ((False, 0.0), (True, 0.25))),
     )
     post = [n for n in experiment.expand(c, 8) if n.stage == "posttrain"]
-    assert len(post) == 2 * 2 * 2  # two pretraining nodes × lr × the linked pair
+    assert len(post) == 3 * 2 * 2  # three pretraining nodes × lr × the linked pair
     assert {
         (n.exp.posttrain.compute_matched, n.exp.posttrain.optimizer.warmup_fraction) for n in post
     } == {(False, 0.0), (True, 0.25)}
@@ -132,17 +132,19 @@ def test_linked_sweep_keys_change_together():
 
 def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
     c = default.get_config("smoke")
-    c.finetune.warmup_steps = 8  # the smoke fine-tuning stage has 8 steps
+    c.finetune.warmup_steps = 4  # the smoke fine-tuning stage has 4 steps
     with pytest.raises(
         config.ConfigError,
-        match=r"finetune.warmup_steps=8: a warmup shorter "
-        r"than the stage's 8 steps",
+        match=r"finetune.warmup_steps=4: a warmup shorter "
+        r"than the stage's 4 steps",
     ):
         experiment.expand(c, 8)
     c.finetune.allow_unreached_peak = True
-    assert len(experiment.expand(c, 8)) == 8
+    assert len(experiment.expand(c, 8)) == 21
     c = default.get_config("smoke")
     c.posttrain.update(compute_matched=True, warmup_fraction=0.25)
+    c.sweep.posttrain = (("posttrain.lr", (3e-3,)),)
+    c.data.post_pool_tokens = 16_384
     c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 0.5)))
     steps = {}
     for n in experiment.expand(c, 8):

@@ -32,19 +32,24 @@ def _rows(workdir):
 @pytest.mark.slow
 def test_smoke_graph_results_and_rerun_trains_nothing(smoke_run):
     smoke_workdir, smoke_rt = smoke_run
-    assert smoke_rt.compiles["train"] == 1  # eight nodes, one train-step shape: one compile
+    assert smoke_rt.compiles["train"] == 1  # 21 nodes, one train-step shape: one compile
     rows = _rows(smoke_workdir)
     nodes = experiment.expand(default.get_config("smoke"))
     leaves = [n for n in nodes if n.stage == "finetune"]
-    assert len(rows) == len(leaves) == 4
+    assert len(rows) == len(leaves) == 12
     assert {r["run_id"] for r in rows} == {n.id for n in leaves}
     for r in rows:
         for k in ("L_im", "L_ret", "L_ft", "L_pre"):
             assert np.isfinite(r[k]) and 0 < r[k] < 7
-        assert r["tokens"]["finetune"] == {"pre": 0, "post": 0, "ft": 16_384}
+        assert r["tokens"]["finetune"] == {"pre": 0, "post": 0, "ft": 8_192}
         lam = r["lam"]
-        assert r["tokens"]["pretrain"] == {"pre": 65_536, "post": int(lam * 16_384), "ft": 0}
-    assert {r["method"] for r in rows} == {"mixed", "unmixed"}
+        assert r["tokens"]["pretrain"] == {"pre": 65_536, "post": int(lam * 2_048), "ft": 0}
+    assert {r["method"] for r in rows} == {
+        "mixed",
+        "unmixed",
+        "mixed (compute-matched)",
+        "unmixed (compute-matched)",
+    }
 
     stamps = {
         n.id: os.path.getmtime(os.path.join(smoke_workdir, "runs", n.id, stage.RESULT))
@@ -64,11 +69,12 @@ def test_smoke_graph_results_and_rerun_trains_nothing(smoke_run):
 def test_smoke_early_stopping_result_is_best_eval(smoke_workdir):
     c = default.get_config("smoke")
     for n in experiment.expand(c):
-        if n.stage != "posttrain":
-            continue
+        if n.stage != "posttrain" or not n.exp.early_stopping("posttrain"):
+            continue  # compute-matched nodes make one pass without evaluations
         r = stage.read_result(os.path.join(smoke_workdir, "runs", n.id))
         steps, losses = zip(*r["evals"])
-        assert list(steps) == list(range(8, r["steps"] + 1, 8))
+        every = n.exp.posttrain.early_stop.every
+        assert list(steps) == list(range(every, r["steps"] + 1, every))
         assert r["result_step"] == steps[int(np.argmin(losses))]
         if r["stopped_early"]:
             after = len(steps) - 1 - int(np.argmin(losses))
@@ -88,15 +94,15 @@ def test_dry_run_lists_nodes_and_budgets(capsys):
     experiment.run(default.get_config("smoke"), "/nonexistent", dry_run=True)
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.split()[0].split("-")[0] in config.STAGES]
-    assert [line.split("-")[0] for line in lines] == ["pretrain"] * 2 + ["posttrain"] * 2 + [
+    assert [line.split("-")[0] for line in lines] == ["pretrain"] * 3 + ["posttrain"] * 6 + [
         "finetune"
-    ] * 4
+    ] * 12
     lam1 = next(line for line in lines if '"pretrain.exposure.lam": 1.0' in line)
     # steps, warmup, pre, post, ft tokens
-    assert lam1.split()[2:7] == ["40", "4", "65,536", "16,384", "0"]
+    assert lam1.split()[2:7] == ["33", "4", "65,536", "2,048", "0"]
     lam0 = next(line for line in lines if '"pretrain.exposure.lam": 0.0' in line)
     assert lam0.split()[2:7] == ["32", "4", "65,536", "0", "0"]
-    assert "8 nodes" in out
+    assert "21 nodes" in out
     assert not os.path.exists("/nonexistent")
 
 
@@ -224,7 +230,7 @@ def test_changed_config_under_existing_id_is_refused(tmp_path):
 
 def test_select_nodes():
     nodes = experiment.expand(default.get_config("smoke"))
-    assert len(experiment.select(nodes, "finetune")) == 4
+    assert len(experiment.select(nodes, "finetune")) == 12
     assert experiment.select(nodes, nodes[3].id[:14]) == [nodes[3]]
     with pytest.raises(ValueError, match="matches no node"):
         experiment.select(nodes, "nothing")
@@ -235,10 +241,10 @@ def test_ids_are_content_addressed():
     b = experiment.expand(default.get_config("smoke"))
     assert [n.id for n in a] == [n.id for n in b]
     c = default.get_config("smoke")
-    c.finetune.tokens = 8_192
+    c.finetune.tokens = 4_096
     d = experiment.expand(c)
-    assert [n.id for n in d[:4]] == [n.id for n in a[:4]]  # upstream nodes are shared
-    assert {n.id for n in d[4:]}.isdisjoint({n.id for n in a[4:]})
+    assert [n.id for n in d[:9]] == [n.id for n in a[:9]]  # upstream nodes are shared
+    assert {n.id for n in d[9:]}.isdisjoint({n.id for n in a[9:]})
     assert len(data.DOMAINS) == 3
 
 

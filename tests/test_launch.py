@@ -27,7 +27,7 @@ def test_waves_follow_the_graph():
     launch = _launch()
     c = default.get_config("smoke")
     plan = launch.waves(c)
-    assert [len(w) for w in plan] == [2, 2, 4]
+    assert [len(w) for w in plan] == [3, 6, 12]
     nodes = {n.id: n for n in experiment.expand(c)}
     for parents, children in zip(plan, plan[1:]):
         assert {nodes[i].parent.id for i in children} == set(parents)
@@ -38,7 +38,7 @@ def test_xm_jobs_one_per_node_in_stage_waves_then_collect():
     c = default.get_config("smoke")
     overrides = ["--config=configs/default.py:smoke", "--config.seed=3"]
     plan = launch.jobs(c, "gs://bucket/w", overrides)
-    assert [len(w) for w in plan] == [2, 2, 4, 1]
+    assert [len(w) for w in plan] == [3, 6, 12, 1]
     for wave, ids in zip(plan, launch.waves(c)):
         assert [j.node for j in wave] == ids
         for j in wave:

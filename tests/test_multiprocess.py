@@ -1,7 +1,7 @@
 """Two real JAX processes joined by jax.distributed, against one process with as many devices.
 
-Each process runs `main.py` on the smoke graph (shortened: fewer tokens per stage, a
-checkpoint every 4 steps) with one fake CPU device; the reference is one process with
+Each process runs `main.py` on the smoke graph (shortened: fewer tokens per stage and
+nodes, a checkpoint every 4 steps) with one fake CPU device; the reference is one process with
 two. Every process records the files it opens for writing (a Python audit hook), so the
 test can tell who wrote what in the shared work directory.
 """
@@ -27,6 +27,9 @@ _FLAGS = [
     "--config.posttrain.max_tokens=32768",
     "--config.finetune.tokens=8192",
     "--config.ckpt.every=4",
+    # λ ∈ {0, 1}, one added stage-2 arm: 8 nodes, the smoke graph's shape at its smallest
+    "--config.sweep.pretrain=(('seed', (0,)), ('pretrain.exposure.lam', (0.0, 1.0)))",
+    "--config.sweep.posttrain=(('posttrain.lr', (3e-3,)),)",
 ]
 LOSSES = ("L_im", "L_ret", "L_ft", "L_pre")
 
