@@ -18,7 +18,8 @@ pipeline: the arms share its two pretraining runs and the dropout arm's baseline
   replay    Figs. 10-12: the mixing grid with 1% replay of C4
 
 Plan of one pipeline's mixing arm (`--dry_run`, experiment.plan_table): 2 + 10 + 60 = 72
-nodes, 4.25e20 FLOP planned in all (an upper bound: stage 2 counted at its 2B cap).
+nodes, 4.25e20 FLOP planned in all (an upper bound: stage 2 counted at its 2B cap), ≈ 298
+H100 device-hours at 40% MFU (`--dry_run` prints the estimate).
 Stage 1: 19,699,999,744 C4 tokens (+ 299,999,232 D_post at λ = 1), 37,575 / 38,147 steps,
 1.17e20 / 1.18e20 FLOP per run. Stage 2: at most 1,999,634,432 tokens (3,814 steps of
 512 × 1,024; early stopping ends it sooner), 1.18e19 FLOP per run. Stage 3: 199,999,488

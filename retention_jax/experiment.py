@@ -25,7 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from retention_jax import callbacks as cb
-from retention_jax import config, data, fileio, lock, preflight, results, stage
+from retention_jax import config, data, fileio, lock, perf, preflight, results, stage
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
@@ -33,6 +33,7 @@ from retention_jax import runtime as runtime_lib
 DATA_NOT_IDENTITY = ("workers", "cache_dir")
 RESULTS = "results.jsonl"
 FAILED = "failed.json"
+PLAN_DEVICE, PLAN_MFU = "H100", 0.4  # the dry run's device-hours estimate (a stated rate)
 CHECKPOINTS_KEPT = 2  # per run: the latest and the one before it (or the best step)
 
 
@@ -156,6 +157,11 @@ def plan_table(nodes: list[Node]) -> str:
             + f" {flops / 1e15:>9.4f}  {json.dumps(n.swept)}"
         )
     lines.append(f"{len(nodes)} nodes, {total / 1e15:.4f} PFLOP of training in total")
+    hours = total / (PLAN_MFU * perf.PEAK_BF16[PLAN_DEVICE]) / 3600
+    lines.append(
+        f"≈ {hours:,.1f} device-hours on {PLAN_DEVICE} at {PLAN_MFU:.0%} MFU of its "
+        f"{perf.PEAK_BF16[PLAN_DEVICE] / 1e12:,.0f} TFLOP/s bf16 peak (training only)"
+    )
     lines.append("warmup marked '!': it spans the whole stage, so the peak LR is never reached")
     return "\n".join(lines)
 

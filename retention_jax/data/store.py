@@ -21,7 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
+import jax
 import numpy as np
 
 from retention_jax import fileio
@@ -103,6 +105,34 @@ def _find(cache: str, prefix: str, need: int) -> str | None:
     return best[1] if best else None
 
 
+class _Progress:
+    """A progress bar on one line, redrawn at most every 2 s (process 0 prints it)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.last = label, max(total, 1), time.monotonic()
+        self.start = self.last
+
+    def _draw(self, n: int, end: str) -> None:
+        if jax.process_index() != 0:
+            return
+        frac = min(n / self.total, 1.0)
+        bar = "#" * int(30 * frac)
+        rate = n / max(time.monotonic() - self.start, 1e-9)
+        print(
+            f"\r{self.label} [{bar:<30}] {n:,}/{self.total:,} sequences, {rate:,.0f}/s",
+            end=end,
+            flush=True,
+        )
+
+    def update(self, n: int) -> None:
+        if time.monotonic() - self.last >= 2.0:
+            self.last = time.monotonic()
+            self._draw(n, "")
+
+    def done(self, n: int) -> None:
+        self._draw(n, "\n")
+
+
 def build_store(src, tok, cfg: Data, domain: str, need: int, path_prefix: str) -> str:
     """Tokenize `src` until `need` train and the validation sequences are full; write it."""
     s, pk, frac = cfg.seq_len, cfg.packing, cfg.val_fraction
@@ -113,7 +143,9 @@ def build_store(src, tok, cfg: Data, domain: str, need: int, path_prefix: str) -
     it = src.documents()
     batch_docs = 256
     exhausted = False
+    progress = _Progress(f"preparing data.{domain} ({cfg.domain(domain).name})", need + n_val)
     while packers["train"].sequences() < need or packers["val"].sequences() < n_val:
+        progress.update(packers["train"].sequences() + packers["val"].sequences())
         batch = []
         for kv in it:
             batch.append(kv)
@@ -132,6 +164,7 @@ def build_store(src, tok, cfg: Data, domain: str, need: int, path_prefix: str) -
         for p in packers.values():
             p.flush()
     have = {k: p.sequences() for k, p in packers.items()}
+    progress.done(have["train"] + have["val"])
     if docs["train"] + docs["val"] == 0:
         raise ValueError(f"data.{domain}.source={src.spec!r}: the source is empty (no documents)")
     if have["train"] < need or have["val"] < n_val:
