@@ -16,7 +16,7 @@ from absl import app, flags
 from etils import epath
 from jax.sharding import AxisType
 
-from retention_jax import checkpoint, config, hf, stage
+from retention_jax import checkpoint, config, fileio, hf, stage
 from retention_jax import model as model_lib
 
 
@@ -35,7 +35,7 @@ def find_node(workdir: str, node: str) -> str:
 
 def result_params(run_dir: str) -> tuple[config.Model, dict, object]:
     """(model config, identity, parameters of the result step) of a finished run."""
-    record = stage.read_json(os.path.join(run_dir, "config.json"))
+    record = fileio.read_json(os.path.join(run_dir, "config.json"))
     result = stage.read_result(run_dir)
     if record is None or result is None:
         raise ValueError(f"{run_dir}: not a finished node (config.json and result.json needed)")
