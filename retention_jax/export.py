@@ -12,7 +12,7 @@ device, replicated.
 import os
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 from jax.sharding import AxisType
 
@@ -64,6 +64,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face f
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every store it opens at INFO
     out = export_node(_WORKDIR.value, _NODE.value, _OUT.value)
     print(f"wrote {sorted(os.listdir(out))} to {out}")
 
