@@ -57,18 +57,17 @@ def export_node(workdir: str, node: str, out_dir: str) -> str:
     return out_dir
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's work directory.")
-_NODE = flags.DEFINE_string("node", None, "A run id, or a prefix of exactly one.")
-_OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face files.")
-
-
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every store it opens at INFO
-    out = export_node(_WORKDIR.value, _NODE.value, _OUT.value)
+    f = flags.FLAGS
+    out = export_node(f.workdir, f.node, f.out)
     print(f"wrote {sorted(os.listdir(out))} to {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command: importing this module defines none
+    flags.DEFINE_string("workdir", None, "The experiment's work directory.")
+    flags.DEFINE_string("node", None, "A run id, or a prefix of exactly one.")
+    flags.DEFINE_string("out", None, "Output directory for the Hugging Face files.")
     flags.mark_flags_as_required(["workdir", "node", "out"])
     app.run(main)

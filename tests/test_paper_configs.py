@@ -36,7 +36,7 @@ GRAPHS = [
     *[(paper_135m, f"{p},dropout", _counts_of(2, 2 * 15 * 2, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},replay", _counts_of(2, 2 * 15, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},lora", _counts_of(2, 2 * 15 * 3, N_FT)) for p in corpora.PIPELINES],
-    *[(paper_135m, f"{p},{a},smoke", _counts_of(2, 2 * (2 if a == "dropout" else 1), 2))
+    *[(paper_135m, f"{p},{a},smoke", _counts_of(2, 2 * {"dropout": 2, "lora": 3}.get(a, 1), 2))
       for p in corpora.PIPELINES for a in paper_135m.ARMS],
     *[(paper_1b, p, _counts_of(2, 2 * 5, N_FT)) for p in corpora.PIPELINES],
     *[(paper_1b, f"{p},smoke", _counts_of(2, 2, 2)) for p in corpora.PIPELINES],
@@ -212,9 +212,9 @@ def test_stage3_grid_spans_the_forgetting_range_and_holds_fig3_lr():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"config argument 'musicpile-chempile,lora'"):
-        paper_135m.get_config("musicpile-chempile,lora")
-    with pytest.raises(ValueError, match=r"ARM one of \['mixing', 'dropout', 'replay'\]"):
+    with pytest.raises(ValueError, match=r"config argument 'musicpile-chempile,qlora'"):
+        paper_135m.get_config("musicpile-chempile,qlora")
+    with pytest.raises(ValueError, match=r"ARM one of \['mixing', 'dropout', 'replay', 'lora'\]"):
         paper_135m.get_config("musicpile-chempile,dropout,replay")
     with pytest.raises(
         ValueError, match=r"config argument 'added,replay': expected NAME\[,smoke\]"
