@@ -254,7 +254,11 @@ class Experiment:
         if not STAGE_KINDS[name].owns_dropout:
             return self.model
         rate = self.posttrain.dropout
-        return dataclasses.replace(self.model, dropout=Dropout(rate, rate, rate, rate), lora=lora)
+        return dataclasses.replace(
+            self.model,
+            dropout=Dropout(rate, rate, rate, rate),
+            lora=lora if lora.rank > 0 else self.model.lora,  # rank 0: the same program
+        )
 
     def stage_seed(self, name: str) -> int:
         """The seed of a stage's data order and dropout (stage 2 may set its own)."""
