@@ -15,6 +15,7 @@ CORE = [
     "scipy",
     "matplotlib",
     "tokenizers>=0.20",
+    "safetensors>=0.4",  # HF checkpoints in and out (retention_jax.hf, export)
     "huggingface_hub",
     "pyarrow",
     "pyyaml",
@@ -28,7 +29,6 @@ EXTRAS = {
     "hf": [
         "torch>=2.4,<3",
         "transformers>=4.45",
-        "safetensors>=0.4",
         "datasets>=2.19",
         "sentencepiece",
     ],
