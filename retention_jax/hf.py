@@ -145,10 +145,11 @@ def check_config(path: str, model_cfg: config.Model, key: str = "model") -> None
     """Raises naming the first model field whose value the checkpoint at `path` contradicts."""
     theirs = config_from_hf(path)
     for field, hf_key in _CHECKED.items():
-        if theirs[field] != model_cfg[field]:
+        mine, want = getattr(model_cfg, field), getattr(theirs, field)
+        if want != mine:
             raise ValueError(
-                f"config key {key}.{field}={model_cfg[field]!r}: the checkpoint {path} has "
-                f"{hf_key}={theirs[field]!r}; set {key}.{field} to it or use another checkpoint"
+                f"config key {key}.{field}={mine!r}: the checkpoint {path} has "
+                f"{hf_key}={want!r}; set {key}.{field} to it or use another checkpoint"
             )
 
 

@@ -199,9 +199,14 @@ class RunLock:
         return other.age() > self.timeout_s
 
     def acquire(self) -> "RunLock":
-        """Takes the lock, or a stale one over; raises RunLocked if a live job holds it."""
+        """Takes the lock, or a stale one over; raises RunLocked if a live job holds it.
+
+        A takeover happens only under a second exclusive file (`LOCK.takeover`), so two
+        contenders never both replace a stale lock: the one that cannot create the
+        marker waits for the outcome and reads the lock again."""
         self._files.mkdir(self.run_dir)
-        for _ in range(3):  # a takeover can race another contender; retry a few times
+        marker = _join(self.run_dir, f"{LOCK}.takeover")
+        for _ in range(200):
             if self._files.create(self.path, self._record()):
                 self.held = True
                 atexit.register(self.release)
@@ -211,21 +216,18 @@ class RunLock:
                 continue  # released meanwhile
             if not self.stale(other):
                 raise RunLocked(f"{self.run_dir} is locked by {other.describe()}")
-            if self._remove_stale(other):
-                logging.warning("%s: taking over a stale lock (%s)", self.path, other.describe())
-        raise RunLocked(f"{self.run_dir}: lost the race for a stale lock three times")
-
-    def _remove_stale(self, judged: Owner) -> bool:
-        """Moves the stale lock away; True if what was moved is the record judged stale."""
-        tomb = _join(self.run_dir, f"{LOCK}.{self.owner.id}.stale")
-        if not self._files.rename(self.path, tomb):
-            return False  # another contender moved it first
-        moved = _read(self._files, tomb)
-        self._files.remove(tomb)
-        if moved != judged:  # a fresh lock was created in between: put it back, do not win
-            self._files.create(self.path, json.dumps(dataclasses.asdict(moved)))
-            return False
-        return True
+            if not self._files.create(marker, self._record()):
+                time.sleep(0.01)  # another contender is taking it over
+                continue
+            try:
+                if _read(self._files, self.path) == other:  # still the one judged stale
+                    self._files.remove(self.path)
+                    logging.warning(
+                        "%s: taking over a stale lock (%s)", self.path, other.describe()
+                    )
+            finally:
+                self._files.remove(marker)
+        raise RunLocked(f"{self.run_dir}: could not take the stale lock over")
 
     def heartbeat(self) -> None:
         """Refreshes the heartbeat; raises LockLost if another job has taken the lock."""

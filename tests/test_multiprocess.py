@@ -171,8 +171,8 @@ def test_only_process_0_writes_results_metrics_and_figures(runs):
     # data-iterator state and the metadata of its array shards
     assert any(p.endswith("/data.orbax-checkpoint-tmp/process_1-of-2.json") for p in w1)
     for p in w1:
-        if p.startswith("data_cache/"):
-            continue
+        if p.startswith("data_cache/") or p.startswith(".preflight-"):
+            continue  # its token stores; its write probe of the work directory (removed)
         assert "/ckpt/" in p and p.endswith(("/process_1-of-2.json", "/process_1")), p
 
 
