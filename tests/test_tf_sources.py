@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from retention_jax import experiment, stage
+from retention_jax import config, experiment, stage
 from retention_jax.data import sources, store
 
 N_DOCS = 600
@@ -73,7 +73,7 @@ def seqio_tasks():
 
 
 def docs(source: str, text: str = "text", **options) -> list[tuple[str, str]]:
-    domain = {"source": source, "text": text, "options": options}
+    domain = config.Domain(source, "d", text, options)
     return list(sources.open_source(domain, "data.post").documents())
 
 
@@ -112,11 +112,18 @@ def test_seqio_errors_name_the_key(seqio_tasks):
 
 def test_seqio_fingerprint_follows_the_preprocessors(seqio_tasks):
     seqio = pytest.importorskip("seqio")
-    fp = sources.open_source({"source": "seqio:eco_mix"}, "k").fingerprint
-    assert fp == sources.open_source({"source": "seqio:eco_mix"}, "k").fingerprint
+    fp = sources.open_source(config.Domain("seqio:eco_mix", "m", "text", {}), "k").fingerprint
+    assert (
+        fp == sources.open_source(config.Domain("seqio:eco_mix", "m", "text", {}), "k").fingerprint
+    )
     seqio.MixtureRegistry.add("eco_mix_even", [("eco_music", 1), ("eco_chem", 1)])
     try:
-        assert sources.open_source({"source": "seqio:eco_mix_even"}, "k").fingerprint != fp
+        assert (
+            sources.open_source(
+                config.Domain("seqio:eco_mix_even", "m", "text", {}), "k"
+            ).fingerprint
+            != fp
+        )
     finally:
         seqio.MixtureRegistry.remove("eco_mix_even")
 
@@ -176,8 +183,9 @@ def test_prepare_and_a_stage(seqio_tasks, tfds_dir, tmp_path):
     assert rows == []  # no leaf finished: only the pretraining node ran
     (node,) = [n for n in experiment.expand(cfg) if n.stage == "pretrain"]
     result = stage.read_result(os.path.join(tmp_path, "runs", node.id))
-    # λ = 1 adds the whole |D_post| pool to the 16,384 pretraining tokens: 16 steps of 2,048
-    assert result["steps"] == 16 and result["tokens"] == result["planned_tokens"]
+    # λ = 1 adds the whole |D_post| pool to the 16,384 pretraining tokens, in steps of 2,048
+    steps = (cfg.pretrain.tokens + cfg.data.post_pool_tokens) // (16 * 128)
+    assert result["steps"] == steps == 9 and result["tokens"] == result["planned_tokens"]
     assert result["tokens"]["post"] == cfg.data.post_pool_tokens
     assert all(np.isfinite(list(result["val"].values())))
     stores = {
