@@ -24,7 +24,12 @@ CORE = [
 
 EXTRAS = {
     "tf": ["tensorflow-cpu>=2.16,<3"],
-    "tfds": ["tensorflow-cpu>=2.16,<3", "tensorflow-datasets>=4.9", "array-record>=0.5"],
+    "tfds": [
+        "tensorflow-cpu>=2.16,<3",
+        "tensorflow-datasets>=4.9",
+        "array-record>=0.5",
+        "importlib_resources",  # imported by tensorflow-datasets, not declared by it
+    ],
     "seqio": ["tensorflow-cpu>=2.16,<3", "seqio>=0.0.19"],
     "hf": [
         "torch>=2.4,<3",
