@@ -146,8 +146,8 @@ class Transformer(nnx.Module):
         implementation works; RBG keys (`jax.random.key(s, impl="rbg")`) compile several
         times faster than threefry on CPU when dropout is on.
         """
-        h_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
-        return h_BxLxD @ self.head_weight()
+        x_BxLxD = self.embed[...][tokens_BxL]
+        return self.decode(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
 
     def hidden(
         self,
