@@ -113,7 +113,11 @@ def test_a_second_process_on_a_running_node_is_refused(smoke_workdir, tmp_path):
     workdir = str(tmp_path / "w")
     first = _start(workdir, node.id)
     _wait_for(first, rf"{node.id} step 8/")
-    rc, out = _finish(_start(workdir, node.id))
+    first.send_signal(signal.SIGSTOP)  # it must still be running when the second one starts
+    try:
+        rc, out = _finish(_start(workdir, node.id))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert rc == 1 and "is locked by owner" in out and "skipped" in out, out[-3000:]
     rc, out = _finish(first)
     assert rc == 0, out[-3000:]
