@@ -2,6 +2,7 @@ r"""Runs an experiment graph: the built-in CPU default unless --config says othe
 
 python main.py
 python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke
+python main.py --config=configs/paper_1b.py:musicpile-chempile --workdir=gs://... --only=prepare
 python main.py --config=configs/paper_1b.py:musicpile-chempile --workdir=gs://... --dry_run
 """
 
@@ -20,7 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directories, results and figures.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (nodes, tokens, FLOPs) and exit.")
-_ONLY = flags.DEFINE_string("only", "", "Run only these nodes: comma-separated ids or stages.")
+_ONLY = flags.DEFINE_string(
+    "only", "", "Run only these nodes (comma-separated ids or stages), or 'prepare': the data."
+)
 _RETRY = flags.DEFINE_bool("retry_failed", False, "Rerun nodes that failed in an earlier run.")
 _DEVICES = flags.DEFINE_integer(
     "devices", 0, "With --dry_run: validate for this many devices (default: the config's mesh)."
@@ -30,7 +33,8 @@ _DEVICES = flags.DEFINE_integer(
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
-    sharding.initialize_distributed()
+    if _ONLY.value != experiment.PREPARE:  # the prepare step needs no devices
+        sharding.initialize_distributed()
     failed = None
     try:
         rows = experiment.run(

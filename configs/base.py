@@ -64,7 +64,7 @@ def get_config() -> mlc.ConfigDict:
         tokenizer="byte",  # byte | hf:HUB_ID_OR_DIR | spm:MODEL_FILE
         seq_len=128,
         packing="concat",  # concat (concatenate then split) | first_fit (segment ids)
-        cache_dir="",  # '' -> <workdir>/data_cache, or ~/.cache/retention_jax/data_cache for gs://
+        cache_dir="",  # '' -> <workdir>/data_cache (local or gs://): shared by every host and job
         val_fraction=0.02,  # share of documents (by key hash) held out for validation
         val_tokens=16_384,  # validation tokens per domain, fixed for every run
         pre=_domain("builtin:prose", "prose"),
@@ -72,7 +72,9 @@ def get_config() -> mlc.ConfigDict:
         ft=_domain("builtin:chem", "chem"),
         post_pool_tokens=200_000,  # |D_post|
         ft_pool_tokens=200_000,  # |D_ft|
-        workers=0,  # grain read threads; 0 reads in the main thread
+        seed=0,  # which blocks of each source make its store (and so the D_post/D_ft pools)
+        workers=0,  # tokenizing processes of the prepare step; 0: one per core
+        read_threads=2,  # grain read threads of the loader; 0 reads in the main thread
     )
     c.pretrain = dict(
         init="",  # '' initialises afresh; 'hf:HUB_ID_OR_DIR' starts from a Llama checkpoint

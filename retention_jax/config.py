@@ -218,7 +218,9 @@ class Data:
     ft: Domain
     post_pool_tokens: int
     ft_pool_tokens: int
-    workers: int
+    seed: int  # orders the source's blocks: which documents make a store (and its pools)
+    workers: int  # tokenizing processes of the prepare step; 0: one per core
+    read_threads: int  # grain read threads of the loader; 0 reads in the calling thread
 
     def domain(self, name: str) -> Domain:
         return getattr(self, name)
@@ -491,7 +493,9 @@ def _data(s: _Section) -> Data:
         **{name: _domain(s.section(name)) for name in DOMAINS},
         post_pool_tokens=s.int("post_pool_tokens", seq_len),
         ft_pool_tokens=s.int("ft_pool_tokens", seq_len),
+        seed=s.int("seed", 0),
         workers=s.int("workers", 0),
+        read_threads=s.int("read_threads", 0),
     )
     s.done()
     return d

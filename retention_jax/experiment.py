@@ -30,8 +30,9 @@ from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
 # Data keys that change where or how fast data is read, not which tokens: not identity.
-DATA_NOT_IDENTITY = ("workers", "cache_dir")
+DATA_NOT_IDENTITY = ("workers", "read_threads", "cache_dir")
 RESULTS = "results.jsonl"
+PREPARE = "prepare"  # --only=prepare: the data wave
 FAILED = "failed.json"
 PLAN_DEVICE, PLAN_MFU = "H100", 0.4  # the dry run's device-hours estimate (a stated rate)
 CHECKPOINTS_KEPT = 2  # per run: the latest and the one before it (or the best step)
@@ -225,11 +226,14 @@ def _data_key(exp: config.Experiment) -> str:
 
 def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.Corpus:
     """The node's prepared data, sized for every pending node that shares its data config;
-    checked against the model's vocabulary before anything compiles."""
+    checked against the model's vocabulary before anything compiles. A local
+    single-process run prepares what is missing; a multi-process or remote one opens
+    stores that the prepare step (`--only=prepare`) made."""
     key = _data_key(node.exp)
     if key not in cache:
         plans = [data.plan(m.stage, m.exp) for m in pending if _data_key(m.exp) == key]
-        cache[key] = data.prepare(node.exp.data, _data_root(workdir), data.needs_of(plans))
+        local = "://" not in workdir and jax.process_count() == 1
+        cache[key] = data.prepare(node.exp.data, workdir, data.needs_of(plans), build=local)
     corpus = cache[key]
     if corpus.vocab_size > node.exp.model.vocab_size:
         config.fail(
@@ -241,9 +245,27 @@ def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.
     return corpus
 
 
-def _data_root(workdir: str) -> str:
-    """Token stores are memory-mapped, so they live on local disk even for gs:// workdirs."""
-    return workdir if "://" not in workdir else os.path.expanduser("~/.cache/retention_jax")
+def prepare(nodes: list[Node], workdir: str) -> list[data.Corpus]:
+    """The prepare step: every store the nodes read, filled and verified (checksums).
+
+    Needs no devices. On a slice every host may run it: shard commits are idempotent,
+    so concurrent preparers of one store race harmlessly and all end with it full."""
+    by_key: dict[str, list[Node]] = {}
+    for n in nodes:
+        by_key.setdefault(_data_key(n.exp), []).append(n)
+    out = []
+    for group in by_key.values():
+        plans = [data.plan(m.stage, m.exp) for m in group]
+        corpus = data.prepare(group[0].exp.data, workdir, data.needs_of(plans), verify=True)
+        for d, st in corpus.stores.items():
+            m = st.manifest
+            print(
+                f"data.{d}: {st.path}: {m['train']['sequences']:,} train sequences in "
+                f"{m['train']['shards']} shards, {st.num_sequences['val']:,} validation",
+                flush=True,
+            )
+        out.append(corpus)
+    return out
 
 
 def run(
@@ -269,7 +291,12 @@ def run(
     """
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
-    nodes = expand(cfg, devices_for(cfg, devices) if dry_run else jax.device_count())
+    prep_or_dry = dry_run or only == PREPARE  # neither needs the config's devices here
+    nodes = expand(cfg, devices_for(cfg, devices) if prep_or_dry else jax.device_count())
+    if only == PREPARE:
+        if not dry_run:
+            prepare(nodes, workdir)
+        return []
     todo = select(nodes, only) if only else nodes
     if dry_run:
         print(plan_table(todo))
@@ -329,6 +356,20 @@ def _run_node(n: Node, runs: dict, corpus, rt, extra_callbacks) -> str | None:
         if pr is None:
             raise RuntimeError(f"{n.id}: parent {n.parent.id} has not finished; run it first")
         parent = (runs[n.parent.id], pr["result_step"])
+        theirs = (fileio.read_json(os.path.join(runs[n.parent.id], "config.json")) or {}).get(
+            "data_fingerprint"
+        )
+        if theirs is not None and theirs != corpus.fingerprint:
+            return _record_failure(
+                runs[n.id],
+                n,
+                ValueError(
+                    f"parent {n.parent.id} trained on data {theirs}, this node reads data "
+                    f"{corpus.fingerprint} (a store's source or tokenizer changed in between); "
+                    "refusing to branch across data versions. Rerun the parent or restore "
+                    "its data."
+                ),
+            )
     meta = {
         "id": n.id,
         "parent": n.parent.id if n.parent else None,

@@ -195,7 +195,7 @@ def run(
     batches = data.loader(
         corpus,
         plan,
-        exp.data.workers,
+        exp.data.read_threads,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

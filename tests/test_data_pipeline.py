@@ -1,5 +1,7 @@
 """Prepare → plan → loader on the built-in domains: exact, deterministic, resumable."""
 
+import os
+
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -8,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from retention_jax import config, data
-from retention_jax.data import builtin, packing, sources, store
+from retention_jax.data import builtin, packing, prep, sources, store
 
 S = 32
 
@@ -60,7 +62,7 @@ def setup(cache, name, **extra):
 
 
 def run(corpus, plan, c, **kw):
-    return list(data.loader(corpus, plan, c.data.workers, **kw))
+    return list(data.loader(corpus, plan, c.data.read_threads, **kw))
 
 
 def same(a, b):
@@ -80,11 +82,11 @@ def test_deterministic_seeded_resumable(cache, name):
     assert corpus1.fingerprint == corpus.fingerprint  # the seed orders, it does not change the data
     assert not same(a, run(corpus1, plan1, c1))  # different seed -> different order
     k = 3
-    it = data.loader(corpus, plan, c.data.workers)
+    it = data.loader(corpus, plan, c.data.read_threads)
     for _ in range(k):
         next(it)
     state = it.get_state()
-    it2 = data.loader(corpus, plan, c.data.workers)
+    it2 = data.loader(corpus, plan, c.data.read_threads)
     it2.set_state(state)
     assert same(list(it2), a[k:])  # resume after k batches -> identical continuation
     b = a[-1]
@@ -108,7 +110,7 @@ def test_batches_match_plan_and_processes(cache):
     c, corpus, plan = setup(cache, "add")
     batches = run(corpus, plan, c)
     dom, seq = plan.lookup(np.arange(8 * 5, 8 * 6))
-    rows = store.DomainStore(corpus.stores["pre"].path).rows("train", seq[dom == 0])
+    rows = store.DomainStore(corpus.stores["pre"].path, 8).rows("train", seq[dom == 0])
     assert np.array_equal(batches[5]["inputs"][dom == 0], rows["inputs"])
     assert np.array_equal(batches[5]["targets"][:, :-1], batches[5]["inputs"][:, 1:])
     halves = [run(corpus, plan, c, process_index=i, process_count=2) for i in range(2)]
@@ -118,55 +120,52 @@ def test_batches_match_plan_and_processes(cache):
                 np.concatenate([halves[0][k][key], halves[1][k][key]]), batches[k][key]
             )
     with pytest.raises(ValueError, match="pretrain.batch=8"):
-        data.loader(corpus, plan, c.data.workers, process_count=3)
+        data.loader(corpus, plan, c.data.read_threads, process_count=3)
 
 
-def test_prepare_cached_and_prefix_stable(cache, monkeypatch):
+def test_prepare_cached_and_extended_in_place(cache, monkeypatch):
     c, corpus, _ = setup(cache, "add")
     m = corpus.manifests()["post"]
-    assert m["train"]["sequences"] == 64 and m["val"]["sequences"] == 8
+    assert m["train"]["sequences"] >= 64 and m["val"]["sequences"] >= 8
     assert m["tokenizer_fingerprint"] == "byte-v1" and len(m["source_fingerprint"]) == 16
+    assert m["seed"] == 0 and m["source_blocks"] == sources.BUILTIN_BLOCKS
+    small = corpus.stores["post"].rows("train", np.arange(64))
 
     def boom(*a, **k):
-        raise AssertionError("rebuilt a cached store")
+        raise AssertionError("tokenized a block of a store that holds enough")
 
-    monkeypatch.setattr(store, "build_store", boom)
-    again = data.prepare(c.data, str(cache), {"post": 10})  # smaller need: reuses the cached store
-    assert (
-        again.fingerprint == corpus.fingerprint
-        and again.stores["post"].path == corpus.stores["post"].path
-    )
+    monkeypatch.setattr(prep._Job, "run", boom)
+    again = data.prepare(c.data, str(cache), {"post": 10})  # smaller need: reuses the store
+    assert again.fingerprint == corpus.fingerprint
+    assert again.stores["post"].path == corpus.stores["post"].path
     monkeypatch.undo()
-    bigger = data.prepare(c.data, str(cache), {"post": 100})
+    n = m["train"]["sequences"] + 1
+    bigger = data.prepare(c.data, str(cache), {"post": n})  # extends the same store
     assert bigger.fingerprint == corpus.fingerprint
-    small, big = (
-        corpus.stores["post"].arrays["train"]["tokens"],
-        bigger.stores["post"].arrays["train"]["tokens"],
-    )
-    assert len(big) == 100 * S + 1 and np.array_equal(big[: len(small)], small)
+    assert bigger.stores["post"].manifest["train"]["shards"] > m["train"]["shards"]
+    big = bigger.stores["post"].rows("train", np.arange(64))
+    assert all(np.array_equal(small[k], big[k]) for k in small)
 
 
-def test_split_disjoint_by_document(cache):
+def test_shards_are_the_split_documents_of_their_blocks(cache):
     c, corpus, _ = setup(cache, "add")
     src = sources.open_source(c.data.post, "data.post")
-    tok = corpus.tokenizer
-    it = src.documents()
-    docs = [next(it) for _ in range(2500)]
-    val = store.is_val([k for k, _ in docs], c.data.val_fraction)
-    assert 0.01 < val.mean() < 0.03
-    eos = [tok.eos_id]
-    cat = {
-        v: np.concatenate(
-            [tok.encode(t) + eos for (_, t), isv in zip(docs, val, strict=True) if isv == v]
-        )
-        for v in (True, False)
-    }
-    st = corpus.stores["post"]
-    tr, va = st.arrays["train"]["tokens"], st.arrays["val"]["tokens"]
-    assert np.array_equal(tr, cat[False][: len(tr)]) and np.array_equal(va, cat[True][: len(va)])
-    assert not {k for (k, _), v in zip(docs, val, strict=True) if v} & {
-        k for (k, _), v in zip(docs, val, strict=True) if not v
-    }
+    tok, st = corpus.tokenizer, corpus.stores["post"]
+    keys = {}
+    for split in ("train", "val"):
+        entry = st.entries[split][0]
+        assert entry["source_block"] == prep.block_order(src, 0, "post", 0)
+        docs = list(src.read(entry["source_block"]))
+        val = store.is_val([k for k, _ in docs], c.data.val_fraction)
+        mine = [(k, t) for (k, t), v in zip(docs, val, strict=True) if v == (split == "val")]
+        keys[split] = {k for k, _ in mine}
+        flat = np.concatenate([tok.encode(t) + [tok.eos_id] for _, t in mine])
+        rows = (len(flat) - 1) // S
+        shard = np.load(os.path.join(st.path, split, "00000000.npy"))
+        assert entry["sequences"] == rows and entry["documents"] == len(mine)
+        assert np.array_equal(shard, flat[: rows * S + 1])
+    assert keys["val"] and not keys["val"] & keys["train"]
+    assert 0.005 < len(keys["val"]) / (len(keys["val"]) + len(keys["train"])) < 0.05
     assert store.is_val(["prose:0:17"], 0.5).tolist() == store.is_val(["prose:0:17"], 0.5).tolist()
 
 
@@ -210,7 +209,7 @@ def test_first_fit_segments():
 
 def test_to_global_on_mesh(cache):
     c, corpus, plan = setup(cache, "add")
-    b = next(data.loader(corpus, plan, c.data.workers))
+    b = next(data.loader(corpus, plan, c.data.read_threads))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     g = data.to_global(b, mesh, P("data", None))
     assert set(g) == {"inputs", "targets", "segment_ids", "positions"}
@@ -224,13 +223,13 @@ def test_orbax_checkpoint_of_iterator(cache, tmp_path):
 
     c, corpus, plan = setup(cache, "replay")
     ref = run(corpus, plan, c)
-    it = data.loader(corpus, plan, c.data.workers)
+    it = data.loader(corpus, plan, c.data.read_threads)
     for _ in range(5):
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
-    it2 = data.loader(corpus, plan, c.data.workers)
+    it2 = data.loader(corpus, plan, c.data.read_threads)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
     assert same(list(it2), ref[5:])

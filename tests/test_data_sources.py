@@ -132,12 +132,12 @@ def test_hub_layouts_offline(tmp_path, hub):
     c = hub_cfg(tmp_path, hub, **{"pretrain.exposure.lam": 0.5})
     corpus = data.prepare(c.data, str(tmp_path), needs(c))
     m = corpus.manifests()
-    assert m["pre"]["train"]["sequences"] == 40 and m["post"]["train"]["sequences"] == 20
-    assert m["ft"]["val"]["sequences"] == 4
+    assert m["pre"]["train"]["sequences"] >= 40 and m["post"]["train"]["sequences"] >= 20
+    assert m["ft"]["val"]["sequences"] >= 4 and corpus.stores["ft"].num_sequences["val"] == 4
     first = sources.open_source(c.data.pre, "data.pre").documents()
     key, text = next(first)
     assert key == "en/c4-train.00000-of-00002.json.gz:0" and text.startswith("train web page 0-0")
-    ft = corpus.tokenizer.decode(corpus.stores["ft"].arrays["train"]["tokens"][:60])
+    ft = corpus.tokenizer.decode(corpus.stores["ft"].rows("train", np.arange(2))["inputs"].ravel())
     assert "Translate to French: the cat number" in ft and "\nle chat numero" in ft
     tot = sum(data.tokens_by_domain(b) for b in data.loader(corpus, data.plan("pretrain", c), 0))
     assert tot.tolist() == [40 * S, 10 * S, 0]
@@ -157,7 +157,8 @@ def test_smollm2_tokenizer(tmp_path, hub, tokenizer_dir):
     corpus = data.prepare(c.data, str(tmp_path), needs(c))
     assert (
         corpus.vocab_size == 49152
-        and corpus.stores["pre"].arrays["train"]["tokens"].dtype == np.uint16
+        and np.load(os.path.join(corpus.stores["pre"].path, "train", "00000000.npy")).dtype
+        == np.uint16
     )
     b = next(data.loader(corpus, data.plan("finetune", c), 0))
     assert b["inputs"].max() < 49152 and (b["inputs"] == 0).any()  # EOS (id 0) ends documents

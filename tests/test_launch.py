@@ -33,13 +33,16 @@ def test_waves_follow_the_graph():
         assert {nodes[i].parent.id for i in children} == set(parents)
 
 
-def test_xm_jobs_one_per_node_in_stage_waves_then_collect():
+def test_xm_jobs_prepare_then_one_per_node_in_stage_waves_then_collect():
     launch = _launch()
     c = default.get_config("smoke")
     overrides = ["--config=configs/default.py:smoke", "--config.seed=3"]
     plan = launch.jobs(c, "gs://bucket/w", overrides)
-    assert [len(w) for w in plan] == [3, 6, 12, 1]
-    for wave, ids in zip(plan, launch.waves(c)):
+    assert [len(w) for w in plan] == [1, 3, 6, 12, 1]
+    assert plan[0] == [
+        launch.Job("prepare", (*overrides, "--workdir=gs://bucket/w", "--only=prepare"))
+    ]
+    for wave, ids in zip(plan[1:], launch.waves(c)):
         assert [j.node for j in wave] == ids
         for j in wave:
             assert j.args == (*overrides, "--workdir=gs://bucket/w", f"--only={j.node}")

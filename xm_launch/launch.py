@@ -4,9 +4,11 @@ r"""Launches an experiment graph with XManager on Vertex AI, one job per node, s
   python xm_launch/launch.py --config=configs/paper_135m.py:musicpile-chempile \
       --workdir=gs://BUCKET/135m-mc --accelerator=TPU_V3 --count=8
 
-Every node of a stage runs as its own job (`main.py --only=<node id>`), all nodes of a
-stage in parallel, a stage starting when the one above has finished; a last job, with
-every node finished, writes results.jsonl and the figures. `--config.KEY=VALUE`
+A first job prepares the data (`main.py --only=prepare`: every token store the graph
+reads, in the work directory). Then every node of a stage runs as its own job
+(`main.py --only=<node id>`, reading those stores), all nodes of a stage in parallel,
+a stage starting when the one above has finished; a last job, with every node
+finished, writes results.jsonl and the figures. `--config.KEY=VALUE`
 overrides reach every job. `--dry_run` prints the job waves and launches nothing.
 
 Accelerators (what Vertex AI offers through `xm_local.Vertex`, one host per job):
@@ -42,7 +44,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job waves only.")
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    node: str  # the node it trains; "" for the last job, which only collects results
+    node: str  # "prepare" (wave 0: the data), the node it trains, or "" (collect results)
     args: tuple[str, ...]
 
 
@@ -53,10 +55,12 @@ def waves(cfg) -> list[list[str]]:
 
 
 def jobs(cfg, workdir: str, config_args: list[str]) -> list[list[Job]]:
-    """The job waves: one job per node, stage by stage, then one collect-only job."""
+    """The job waves: the prepare step, one job per node stage by stage, then one
+    collect-only job."""
     common = (*config_args, f"--workdir={workdir}")
+    prep = [Job(experiment.PREPARE, (*common, f"--only={experiment.PREPARE}"))]
     plan = [[Job(n, (*common, f"--only={n}")) for n in wave] for wave in waves(cfg)]
-    return [*plan, [Job("", common)]]
+    return [prep, *plan, [Job("", common)]]
 
 
 def check_accelerator(accelerator: str, count: int) -> str:
@@ -125,7 +129,7 @@ def main(argv) -> None:
     accelerator = check_accelerator(_ACCELERATOR.value, _COUNT.value)
     config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
     plan = jobs(_CONFIG.value, _WORKDIR.value, config_args)
-    for name, wave in zip([*config.STAGES, "collect"], plan):
+    for name, wave in zip([experiment.PREPARE, *config.STAGES, "collect"], plan):
         print(f"{name}: {len(wave)} jobs: {' '.join(j.node or 'results' for j in wave)}")
     if _DRY_RUN.value:
         return

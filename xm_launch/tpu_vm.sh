@@ -7,7 +7,8 @@
 #
 # Creates the slice if it does not exist, copies this checkout and a run script to every
 # host, installs Python >= 3.11 if the image lacks it and the package within the versions
-# of xm_launch/constraints.txt, and starts main.py on all hosts at once, detached
+# of xm_launch/constraints.txt, and starts on all hosts at once, detached, the prepare
+# step (main.py --only=prepare: the token stores, under WORKDIR) and then main.py
 # (setsid nohup), logging to ~/rj/<NAME>.<host>.log on each host. It then polls: when the
 # slice is preempted (state PREEMPTED/TERMINATED, or it vanished) it recreates the slice
 # and reruns the same command, which resumes (finished nodes are skipped, a killed node
@@ -16,7 +17,7 @@
 # and the gcloud commands instead of running them. Delete the slice afterwards with:
 #   gcloud compute tpus tpu-vm delete NAME --zone ZONE
 set -euo pipefail
-[ $# -ge 5 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -ge 5 ] || { sed -n '2,20p' "$0"; exit 2; }
 name=$1 zone=$2 accelerator=$3 config=$4 workdir=$5
 shift 5
 version=${TPU_SOFTWARE_VERSION:-v2-alpha-tpuv5}
@@ -52,7 +53,8 @@ pip install -q -U pip
 pip install -q -c constraints.txt -e src 'jax[tpu]'
 cd src
 set +e
-python main.py "${args[@]}"
+# The data first (no devices; every host may run it: shard commits are idempotent).
+python main.py "${args[@]}" --only=prepare && python main.py "${args[@]}"
 rc=$?
 echo "$rc" > "$HOME/rj/rc"
 exit "$rc"

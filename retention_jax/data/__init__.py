@@ -1,8 +1,9 @@
 """The data layer: which tokens a model sees and when, exact, deterministic and resumable.
 
   plan(stage, exp) -> StagePlan       exact budgets and the stream's index map (plan.py)
-  prepare(data_cfg, workdir, needs) -> Corpus   tokenized, cached, memory-mapped stores (store.py)
-  loader(corpus, plan, workers)       grain iterator of host batches (loader.py)
+  prepare(data_cfg, root, needs) -> Corpus   the prepare step: parallel, sharded, resumable
+                                      token stores (prep.py; layout in store.py)
+  loader(corpus, plan, threads)       grain iterator of host batches (loader.py)
   validation_batches, tokens_by_domain, to_global   (loader.py)
 
 Sources (sources.py, builtin.py), tokenizers (tokenizer.py), packing (packing.py) and
@@ -14,7 +15,8 @@ batch["domain"] indexes it and c.data.pre/.post/.ft configure them.
 from retention_jax.config import DOMAINS
 from retention_jax.data.loader import KEYS, loader, to_global, tokens_by_domain, validation_batches
 from retention_jax.data.plan import StagePlan, plan
-from retention_jax.data.store import Corpus, needs_of, prepare
+from retention_jax.data.prep import prepare
+from retention_jax.data.store import Corpus, StoreError, needs_of
 from retention_jax.data.tokenizer import make_tokenizer
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "KEYS",
     "Corpus",
     "StagePlan",
+    "StoreError",
     "loader",
     "make_tokenizer",
     "needs_of",

@@ -76,12 +76,14 @@ def dataset(corpus, plan, *, process_index: int = 0, process_count: int = 1) -> 
     return grain.MapDataset.range(plan.num_steps).map(fn)
 
 
-def loader(corpus, plan, workers: int, *, process_index: int = 0, process_count: int = 1):
+def loader(corpus, plan, threads: int, *, process_index: int = 0, process_count: int = 1):
     """An iterator over this process's rows of every batch, with get_state()/set_state().
 
-    `workers` read threads (data.workers; 0 reads in the calling thread)."""
+    `threads` read threads prefetch batches (data.read_threads; 0 reads in the calling
+    thread). Threads suffice: a batch is a few numpy gathers from memory maps, which
+    release the GIL, so grain's multiprocess prefetch would only add copies."""
     ds = dataset(corpus, plan, process_index=process_index, process_count=process_count)
-    opts = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+    opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     return iter(ds.to_iter_dataset(opts))
 
 

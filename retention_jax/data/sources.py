@@ -1,23 +1,35 @@
-"""Document sources named by a scheme: each yields (key, text) pairs in a fixed order.
+"""Document sources named by a scheme, read in blocks: the unit of parallel preparation.
 
   builtin:NAME            a generator of builtin.py (unbounded)
   files:GLOB              local .txt (one document per file), .jsonl/.json[.gz] (one per
-                          line) or .parquet (one per row) files, in sorted path order
+                          line) or .parquet (one per row) files
   hf:HUB_ID_OR_DIR        a Hugging Face dataset; options config (e.g. "en"), split
-                          (default "train"), revision. A local directory laid out like the
-                          hub repo is read directly (README.md `configs:` data_files if
-                          present, else files whose path names the split); a hub id is
-                          streamed with `datasets` (never fully downloaded), as is a local
-                          directory with option use_datasets=True.
+                          (default "train"), revision. Its data files are read directly,
+                          from a local directory laid out like the hub repo or from the
+                          hub itself at the resolved commit (README.md `configs:`
+                          data_files if present, else files whose path names the split).
+                          Option use_datasets=True streams it with `datasets` instead.
   tfds:NAME[:SPLIT]       a built TFDS dataset in ArrayRecord format, read by random access
                           (tfds extra); option data_dir
   seqio:TASK_OR_MIXTURE   a registered seqio Task's examples after its preprocessors, or a
                           Mixture's tasks interleaved by their rates (seqio extra); option
                           split
 
+A source is a list of blocks, each a few MiB of documents that one worker reads on its
+own (`read(b)`): a run of up to 64 .txt files, a byte range of an uncompressed
+.jsonl/.json file (lines that start in it), a whole compressed file, a parquet row
+group, 256 generated documents, 1024 TFDS records. Blocks of `builtin`, `files`, `hf`
+and `tfds` are random access (`num_blocks`); a `datasets` stream and seqio are
+sequential (`num_blocks` None: `documents()` in order, blocks of 1024 consecutive
+documents). The key of a document (file path and row or byte offset, or generator
+index) does not depend on the blocking; it decides the document's split (store.py).
+
 `c.data.<domain>.text` is a field name ("text") or a format string over fields
-("{inputs}\n{targets}"); a missing field is an error that names it. The key of a
-document (file path and row, or generator index) decides its split (store.py).
+("{inputs}\n{targets}"); a missing field is an error that names it.
+
+Fingerprints cover what decides the documents: the full content of local files, the
+resolved hub commit (`revision`, recorded in the store manifest), the TFDS build, the
+seqio task's preprocessors, the generator's version and options.
 """
 
 import functools
@@ -34,6 +46,11 @@ from retention_jax.data import builtin
 
 SCHEMES = ("builtin", "files", "hf", "tfds", "seqio")
 _EXTS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+BLOCK_BYTES = 8 << 20  # byte range of an uncompressed json-lines file per block
+TXT_PER_BLOCK = 64
+BUILTIN_PER_BLOCK = 256
+RECORDS_PER_BLOCK = 1024  # TFDS records, and documents of a sequential source
+BUILTIN_BLOCKS = 1 << 32  # an unbounded generator, seen as this many blocks
 
 
 def parse(source: str, key: str) -> tuple[str, str]:
@@ -59,62 +76,156 @@ def _text_of(record: dict, text: str, key: str, where: str) -> str:
     return get(text)
 
 
-def _file_fingerprint(paths: list[str], root: str) -> str:
+class Source:
+    """Documents of one domain, in blocks. `num_blocks` is None for a sequential source."""
+
+    spec: str
+    fingerprint: str
+    num_blocks: int | None
+    revision: str | None = None  # the hub commit read, where the source has one
+
+    def read(self, block: int) -> Iterator[tuple[str, str]]:
+        """(key, text) of one block, in order (random-access sources only)."""
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        """Every (key, text), block by block."""
+        for b in range(self.num_blocks):
+            yield from self.read(b)
+
+
+class BuiltinSource(Source):
+    def __init__(self, spec: str, name: str, opts: dict):
+        self.spec, self.name, self.opts = spec, name, opts
+        self.fingerprint = fileio.digest([builtin.VERSION, name, opts], 8)
+        self.num_blocks = BUILTIN_BLOCKS
+
+    def read(self, block: int) -> Iterator[tuple[str, str]]:
+        seed = self.opts["seed"]
+        for i in range(block * BUILTIN_PER_BLOCK, (block + 1) * BUILTIN_PER_BLOCK):
+            yield f"{self.name}:{seed}:{i}", builtin.document(self.name, i, self.opts)
+
+
+def _local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+class FileSource(Source):
+    """Data files on a filesystem (local, or the hub's at a fixed commit), in blocks."""
+
+    def __init__(self, spec, paths, root, text, key, fs=None, revision=None):
+        self.spec, self.paths, self.root, self.text, self.key = spec, paths, root, text, key
+        self.fs, self.revision = fs, revision
+        fs = fs or _local_fs()
+        self.blocks = []  # (file index, kind, start, end)
+        for i, p in enumerate(paths):
+            if p.endswith(".txt"):
+                if (
+                    not self.blocks
+                    or self.blocks[-1][1] != "txt"
+                    or (i - self.blocks[-1][2] >= TXT_PER_BLOCK)
+                ):
+                    self.blocks.append((i, "txt", i, i + 1))
+                else:
+                    f0, _, a, _ = self.blocks[-1]
+                    self.blocks[-1] = (f0, "txt", a, i + 1)
+            elif p.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                with fs.open(p, "rb") as f:
+                    groups = pq.ParquetFile(f).metadata.num_row_groups
+                self.blocks += [(i, "rows", g, g + 1) for g in range(groups)]
+            elif p.endswith(".gz"):
+                self.blocks.append((i, "whole", 0, 0))
+            else:
+                size = fs.size(p)
+                self.blocks += [
+                    (i, "bytes", a, min(a + BLOCK_BYTES, size))
+                    for a in range(0, max(size, 1), BLOCK_BYTES)
+                ]
+        self.num_blocks = len(self.blocks)
+        if revision is not None:  # a hub commit names the content; the files need no reading
+            sizes = [fs.size(p) for p in paths]
+            self.fingerprint = fileio.digest([revision, [self._rel(p) for p in paths], sizes], 8)
+        else:
+            self.fingerprint = _content_hash(paths, root, fs)
+
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def _open(self, path: str):
+        return (self.fs or _local_fs()).open(path, "rb")
+
+    def read(self, block: int) -> Iterator[tuple[str, str]]:
+        i, kind, a, b = self.blocks[block]
+        if kind == "txt":
+            for p in self.paths[a:b]:
+                with self._open(p) as f:
+                    yield f"{self._rel(p)}:0", f.read().decode("utf-8")
+            return
+        path = self.paths[i]
+        rel = self._rel(path)
+        if kind == "rows":
+            import pyarrow.parquet as pq
+
+            with self._open(path) as f:
+                pf = pq.ParquetFile(f)
+                first = sum(pf.metadata.row_group(g).num_rows for g in range(a))
+                rows = pf.read_row_group(a).to_pylist()
+            for j, rec in enumerate(rows):
+                yield f"{rel}:{first + j}", _text_of(rec, self.text, self.key, rel)
+        elif kind == "whole":
+            with self._open(path) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+                for j, line in enumerate(f):
+                    if line.strip():
+                        yield f"{rel}:{j}", _text_of(json.loads(line), self.text, self.key, rel)
+        else:  # the lines that start in [a, b)
+            with self._open(path) as f:
+                f.seek(max(a - 1, 0))
+                if a:
+                    f.readline()  # the rest of the line that started before a (or just "\n")
+                at = f.tell()
+                while at < b:
+                    line = f.readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        rec = json.loads(line)
+                        yield f"{rel}:b{at}", _text_of(rec, self.text, self.key, rel)
+                    at += len(line)
+
+
+def _content_hash(paths: list[str], root: str, fs) -> str:
+    """blake2b over every byte of every file (and its path): a same-size edit shows."""
     h = hashlib.blake2b(digest_size=8)
     for p in paths:
-        h.update(os.path.relpath(p, root).encode())
-        h.update(str(os.path.getsize(p)).encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
+        h.update(os.path.relpath(p, root).encode() + b"\0")
+        with fs.open(p, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def _read_file(path: str) -> Iterator[dict]:
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield {"text": f.read()}
-    elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+class _Sequential(Source):
+    num_blocks = None
 
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    else:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-
-
-class Source:
-    """Documents of one domain: `documents()` yields (key, text) in a fixed order."""
-
-    def __init__(self, spec: str, fingerprint: str, docs):
-        self.spec, self.fingerprint, self._docs = spec, fingerprint, docs
+    def __init__(self, spec: str, fingerprint: str, docs, revision: str | None = None):
+        self.spec, self.fingerprint, self._docs, self.revision = spec, fingerprint, docs, revision
 
     def documents(self) -> Iterator[tuple[str, str]]:
         return self._docs()
 
 
-def _from_files(paths: list[str], root: str, text: str, key: str, spec: str) -> Source:
-    def docs():
-        for p in paths:
-            rel = os.path.relpath(p, root)
-            for i, rec in enumerate(_read_file(p)):
-                yield f"{rel}:{i}", _text_of(rec, text, key, rel)
-
-    return Source(spec, _file_fingerprint(paths, root), docs)
-
-
-def _hub_files(root: str, config: str | None, split: str, key: str) -> list[str]:
-    """Files of (config, split) in a local directory laid out like a hub dataset repo."""
-    readme = os.path.join(root, "README.md")
-    if os.path.exists(readme):
+def _hub_files(fs, root: str, config: str | None, split: str, key: str) -> list[str]:
+    """Files of (config, split) in a directory laid out like a hub dataset repo."""
+    readme = f"{root}/README.md"
+    if fs.exists(readme):
         import yaml
 
-        with open(readme, encoding="utf-8") as f:
-            parts = f.read().split("---")
+        with fs.open(readme, "rb") as f:
+            parts = f.read().decode("utf-8").split("---")
         meta = yaml.safe_load(parts[1]) if len(parts) > 2 else None
         configs = (meta or {}).get("configs") or []
         if configs:
@@ -134,18 +245,29 @@ def _hub_files(root: str, config: str | None, split: str, key: str) -> list[str]
                     f"allowed: {sorted(splits)}"
                 )
             pats = splits[split] if isinstance(splits[split], list) else [splits[split]]
-            return sorted(
-                p for pat in pats for p in glob.glob(os.path.join(root, pat), recursive=True)
-            )
-    base = os.path.join(root, config) if config else root
-    if config and not os.path.isdir(base):
+            return sorted(p for pat in pats for p in fs.glob(f"{root}/{pat}"))
+    base = f"{root}/{config}" if config else root
+    if config and not fs.isdir(base):
         raise ValueError(f"{key}.options.config={config!r}: no directory {base}")
     out = []
-    for p in glob.glob(os.path.join(base, "**", "*"), recursive=True):
+    for p in fs.glob(f"{base}/**"):
         rel = os.path.relpath(p, base)
         if p.endswith(_EXTS) and split in re.split(r"[^a-zA-Z]+", rel):
             out.append(p)
     return sorted(out)
+
+
+def _hub_commit(name: str, revision: str | None, spec: str, key: str) -> str:
+    """The commit a hub revision (branch, tag or sha; default main) resolves to now."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name, revision=revision).sha
+    except Exception as e:  # offline, unknown id or revision
+        raise ValueError(
+            f"{key}.source={spec!r}: cannot resolve revision {revision!r} on the hub "
+            f"({type(e).__name__}: {e}); pass a local directory laid out like the hub repo"
+        ) from e
 
 
 def _hf_streamed(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
@@ -155,6 +277,8 @@ def _hf_streamed(name: str, opts: dict, text: str, key: str, spec: str) -> Sourc
         raise ValueError(
             f"{key}.source={spec!r}: reading a hub dataset needs `datasets` (pip install .[hf])"
         ) from e
+    local = os.path.isdir(name)
+    revision = None if local else _hub_commit(name, opts.get("revision"), spec, key)
 
     def docs():
         ds = datasets.load_dataset(
@@ -162,44 +286,56 @@ def _hf_streamed(name: str, opts: dict, text: str, key: str, spec: str) -> Sourc
             opts.get("config"),
             split=opts.get("split", "train"),
             streaming=True,
-            revision=opts.get("revision"),
+            revision=revision,
         )
         for i, rec in enumerate(ds):
             yield f"{i}", _text_of(rec, text, key, name)
 
-    fp = fileio.digest(
-        [name, opts.get("config"), opts.get("split", "train"), opts.get("revision")], 8
-    )
-    return Source(spec, fp, docs)
+    identity = [name, opts.get("config"), opts.get("split", "train"), revision]
+    if local:  # the directory's whole content stands for the commit
+        files = sorted(p for p in glob.glob(f"{name}/**", recursive=True) if os.path.isfile(p))
+        identity.append(_content_hash(files, name, _local_fs()))
+    return _Sequential(spec, fileio.digest(identity, 8), docs, revision)
 
 
-def _tfds(arg: str, opts: dict, text: str, key: str, spec: str) -> Source:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ValueError(
-            f"{key}.source={spec!r}: needs tensorflow_datasets and array_record "
-            "(pip install .[tfds])"
-        ) from e
-    name, _, split = arg.partition(":")
-    split = split or "train"
-    data_dir = opts.get("data_dir")
-    try:
-        src = tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:  # not built, unknown name or split, not ArrayRecord
-        raise ValueError(
-            f"{key}.source={spec!r}: no ArrayRecord TFDS data for {name!r} split {split!r} "
-            f"(options.data_dir={data_dir!r}); build it with "
-            f"download_and_prepare(file_format='array_record') ({type(e).__name__}: {e})"
-        ) from e
-    info = src.dataset_info
+class TfdsSource(Source):
+    """A built TFDS dataset in ArrayRecord format: blocks of consecutive record indices."""
 
-    def docs():
-        for i in range(len(src)):
-            yield f"{i}", _text_of(src[i], text, key, name)
+    def __init__(self, spec: str, name: str, split: str, data_dir, text: str, key: str):
+        self.spec, self.name, self.split, self.data_dir = spec, name, split, data_dir
+        self.text, self.key, self._src = text, key, None
+        src = self._open()
+        self.num_blocks = -(-len(src) // RECORDS_PER_BLOCK)
+        self.fingerprint = fileio.digest(["tfds", src.dataset_info.full_name, split, len(src)], 8)
 
-    identity = ["tfds", info.full_name, split, len(src)]
-    return Source(spec, fileio.digest(identity, 8), docs)
+    def __getstate__(self):  # workers open the data source themselves
+        return {**self.__dict__, "_src": None}
+
+    def _open(self):
+        if self._src is not None:
+            return self._src
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ValueError(
+                f"{self.key}.source={self.spec!r}: needs tensorflow_datasets and array_record "
+                "(pip install .[tfds])"
+            ) from e
+        try:
+            self._src = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+            return self._src
+        except Exception as e:  # not built, unknown name or split, not ArrayRecord
+            raise ValueError(
+                f"{self.key}.source={self.spec!r}: no ArrayRecord TFDS data for {self.name!r} "
+                f"split {self.split!r} (options.data_dir={self.data_dir!r}); build it with "
+                f"download_and_prepare(file_format='array_record') ({type(e).__name__}: {e})"
+            ) from e
+
+    def read(self, block: int) -> Iterator[tuple[str, str]]:
+        src = self._open()
+        lo = block * RECORDS_PER_BLOCK
+        for i in range(lo, min(lo + RECORDS_PER_BLOCK, len(src))):
+            yield f"{i}", _text_of(src[i], self.text, self.key, self.name)
 
 
 def _describe(fn) -> str:
@@ -284,7 +420,7 @@ def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
         split,
         [[t.name, r, [_describe(p) for p in t.preprocessors]] for t, r in zip(tasks, rates)],
     ]
-    return Source(spec, fileio.digest(identity, 8), docs)
+    return _Sequential(spec, fileio.digest(identity, 8), docs)
 
 
 def check(domain: "config.Domain", key: str) -> None:
@@ -301,16 +437,7 @@ def open_source(domain: "config.Domain", key: str) -> Source:
     opts = dict(domain.options)
     text = domain.text
     if scheme == "builtin":
-        o = builtin.check_options(arg, opts, f"{key}.options")
-        fp = fileio.digest([builtin.VERSION, arg, o], 8)
-
-        def docs():
-            i = 0
-            while True:
-                yield f"{arg}:{o['seed']}:{i}", builtin.document(arg, i, o)
-                i += 1
-
-        return Source(spec, fp, docs)
+        return BuiltinSource(spec, arg, builtin.check_options(arg, opts, f"{key}.options"))
     if scheme == "files":
         paths = sorted(
             p for p in glob.glob(os.path.expanduser(arg), recursive=True) if os.path.isfile(p)
@@ -322,21 +449,28 @@ def open_source(domain: "config.Domain", key: str) -> Source:
             raise ValueError(
                 f"{key}.source={spec!r}: unsupported file {bad[0]!r}; allowed: {list(_EXTS)}"
             )
-        return _from_files(
-            paths, os.path.commonpath([os.path.dirname(p) for p in paths]), text, f"{key}", spec
-        )
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        return FileSource(spec, paths, root, text, key)
     if scheme == "hf":
-        if os.path.isdir(arg) and not opts.get("use_datasets"):
-            split = opts.get("split", "train")
-            paths = _hub_files(arg, opts.get("config"), split, key)
-            if not paths:
-                raise ValueError(
-                    f"{key}.source={spec!r}: no data files for split {split!r} in {arg}"
-                )
-            return _from_files(paths, arg, text, key, spec)
-        if not os.path.isdir(arg) and (arg.startswith((".", "/", "~"))):
+        if opts.get("use_datasets"):
+            return _hf_streamed(arg, opts, text, key, spec)
+        split = opts.get("split", "train")
+        if os.path.isdir(arg):
+            fs, root, revision = _local_fs(), os.path.abspath(arg), None
+        elif arg.startswith((".", "/", "~")):
             raise ValueError(f"{key}.source={spec!r}: directory {arg!r} not found")
-        return _hf_streamed(arg, opts, text, key, spec)
+        else:
+            from huggingface_hub import HfFileSystem
+
+            revision = _hub_commit(arg, opts.get("revision"), spec, key)
+            fs, root = HfFileSystem(), f"datasets/{arg}@{revision}"
+        paths = _hub_files(fs, root, opts.get("config"), split, key)
+        if not paths:
+            raise ValueError(f"{key}.source={spec!r}: no data files for split {split!r} in {arg}")
+        return FileSource(
+            spec, paths, root, text, key, fs=None if revision is None else fs, revision=revision
+        )
     if scheme == "tfds":
-        return _tfds(arg, opts, text, key, spec)
+        name, _, split = arg.partition(":")
+        return TfdsSource(spec, name, split or "train", opts.get("data_dir"), text, key)
     return _seqio(arg, opts, text, key, spec)

@@ -1,38 +1,63 @@
-"""Prepared token stores: tokenize a source once into memory-mapped numpy arrays.
+"""Prepared token stores: one domain's packed sequences in committed, checksummed shards.
 
-A store holds one domain's train and validation sequences (packing.py) plus a
-manifest.json (document, token and sequence counts, source and tokenizer fingerprints).
-Its directory is `<cache>/<domain>-<name>-<content>-n<train sequences>`, where `content`
-hashes everything that decides the tokens (source fingerprint, tokenizer fingerprint,
-seq_len, packing, val_fraction, val_tokens). The source is read in order and only until
-both splits are full, so a store for n sequences is a prefix of any larger one: a run
-reuses any store with at least the sequences it needs, and the content hash (not n) goes
-into the corpus fingerprint. Stores are written to a temporary directory and renamed,
-so concurrent processes never see half a store; on a pod every host prepares its own.
+A store is a directory under the data root (local or gs://), named
+`<domain>-<name>-<content>`, where `content` hashes everything that decides its tokens:
 
-Split: a document is validation iff blake2b(key) / 2^64 < val_fraction — a hash band of
-its key, so train and validation are disjoint by construction and the same for every
-run. Validation holds val_tokens // seq_len sequences (the first of the val stream).
+  manifest.json          source and its fingerprint (full file contents, or the hub commit
+                         read), tokenizer and its fingerprint, seq_len, packing,
+                         val_fraction, data.seed, the blocking and the sampling rule.
+                         Written once, before any shard.
+  train/00000000.npy     shard j: the packed training rows of the store's block j
+  train/00000000.json    its entry: documents, sequences, target tokens, bytes, blake2b
+  val/...                the same for validation
+
+Blocks and sampling. The store's block j is source block order(j), where `order` is a
+permutation of the source's blocks seeded by data.seed (sources.py defines the blocks, a
+few MiB of documents each). The sequences of a split are its shards' rows in block
+order, so the first P sequences of a store — the D_post or D_ft pool of a stage plan —
+are a seeded random sample of blocks drawn from the whole source, not the first
+documents of its stream order (which on the hub is grouped by sub-source). A
+sequential source (a `datasets` stream, seqio) has no random access: its blocks are in
+stream order.
+
+Split. A document is validation iff blake2b(key) / 2^64 < val_fraction — a hash band of
+its key, so train and validation are disjoint by construction, the same for every seed
+and every run. The validation set is the first val_tokens // seq_len validation
+sequences. A block's train and validation shards are prepared separately, so a store
+read only for validation packs no training documents.
+
+Rows. concat: the block's documents of one split, each ending in EOS, in one flat token
+array; row i is tokens [i*seq_len, i*seq_len + seq_len + 1) (rows overlap by one token,
+so every token after the first is a target once); the tail shorter than a row is
+dropped. first_fit: [rows, 4, seq_len] (inputs, targets, segment ids, positions), packed
+within the block (packing.py).
+
+Commit and integrity. A shard is written aside, then renamed into place, then its entry
+is written (atomically): a shard exists once its entry does. A split holds the
+contiguous run of committed shards from 0, so a killed prepare resumes from them and
+ends with the store an uninterrupted one writes. Opening a store reads every entry and
+checks each shard's size; a local shard's checksum is checked before its first row is
+read (once per process), and prepare checks every checksum of a store it extends or is
+asked to verify. A mismatch names the shard.
 """
 
-import glob
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-import time
+import threading
 
-import jax
 import numpy as np
+from etils import epath
 
 from retention_jax import fileio
-from retention_jax.config import DOMAINS, Data
+from retention_jax.config import DOMAINS
 from retention_jax.data import packing as packing_lib
-from retention_jax.data import sources
-from retention_jax.data.tokenizer import make_tokenizer
 
-VERSION = "store-v1"
+VERSION = "store-v2"
+SPLITS = ("train", "val")
+
+
+class StoreError(ValueError):
+    """A store is missing, incomplete or damaged; the message names it and the fix."""
 
 
 def is_val(keys: list[str], val_fraction: float) -> np.ndarray:
@@ -46,171 +71,164 @@ def is_val(keys: list[str], val_fraction: float) -> np.ndarray:
     return np.asarray(h, dtype=np.float64) / 2.0**64 < val_fraction
 
 
-class DomainStore:
-    """One domain's memory-mapped train and validation sequences."""
+def shard_name(j: int) -> str:
+    return f"{j:08d}"
 
-    def __init__(self, path: str):
+
+def checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def committed(path: str, split: str) -> list[dict]:
+    """Entries of the contiguous committed shards 0, 1, ... of `split`."""
+    d = epath.Path(path) / split
+    if not d.exists():
+        return []
+    have = {p.name for p in d.iterdir() if p.name.endswith(".json")}
+    out = []
+    while f"{shard_name(len(out))}.json" in have:
+        out.append(json.loads((d / f"{shard_name(len(out))}.json").read_text()))
+    return out
+
+
+def verify(path: str, entries: dict[str, list[dict]]) -> None:
+    """Checks every shard's checksum against its entry."""
+    for split, es in entries.items():
+        for e in es:
+            f = epath.Path(path) / split / f"{shard_name(e['shard'])}.npy"
+            if checksum(f.read_bytes()) != e["blake2b"]:
+                raise StoreError(
+                    f"store shard {f} is damaged (its checksum differs from its entry); "
+                    f"remove {f.with_suffix('.json')} and prepare again to rebuild it"
+                )
+
+
+class _Shard:
+    """One shard's rows: memory-mapped when local, read by byte range when remote."""
+
+    def __init__(self, path: epath.Path, entry: dict, packing: str, seq_len: int):
+        self.path, self.entry, self.packing, self.seq_len = path, entry, packing, seq_len
+        self.local = "://" not in str(path)
+        self._array, self._lock = None, threading.Lock()
+
+    def _open(self):
+        with self._lock:
+            if self._array is not None:
+                return self._array
+            if self.local:
+                with open(self.path, "rb") as f:
+                    if checksum(f.read()) != self.entry["blake2b"]:
+                        raise StoreError(
+                            f"store shard {self.path} is damaged (its checksum differs from "
+                            "its entry); prepare the store again to rebuild it"
+                        )
+                self._array = np.load(self.path, mmap_mode="r")
+            else:
+                self._array = _RemoteArray(self.path)
+            return self._array
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx`: [n, seq_len + 1] tokens (concat) or [n, 4, seq_len] (first_fit)."""
+        a, s = self._open(), self.seq_len
+        if self.packing == "concat":
+            if self.local:  # one vectorised gather from the memory map
+                return np.asarray(a[idx[:, None] * s + np.arange(s + 1)])
+            return np.stack([a[i * s : i * s + s + 1] for i in idx])
+        return np.asarray(a[idx]) if self.local else np.stack([a[i] for i in idx])
+
+
+class _RemoteArray:
+    """A .npy file on a remote store, sliced along its first axis by range reads."""
+
+    def __init__(self, path: epath.Path):
         self.path = path
-        with open(os.path.join(path, "manifest.json")) as f:
-            self.manifest = json.load(f)
-        self.seq_len = self.manifest["seq_len"]
-        self.packing = self.manifest["packing"]
-        self.content = self.manifest["content"]
-        self.arrays = {}
-        for split in ("train", "val"):
-            names = ("tokens",) if self.packing == "concat" else packing_lib.KEYS
-            self.arrays[split] = {
-                n: np.load(os.path.join(path, f"{split}_{n}.npy"), mmap_mode="r") for n in names
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format._read_array_header(f, version)
+            self.offset = f.tell()
+        self.shape, self.dtype = shape, dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def __getitem__(self, key) -> np.ndarray:
+        lo, hi = (key.start, key.stop) if isinstance(key, slice) else (key, key + 1)
+        with self.path.open("rb") as f:
+            f.seek(self.offset + lo * self.row_bytes)
+            buf = f.read((hi - lo) * self.row_bytes)
+        out = np.frombuffer(buf, self.dtype).reshape((hi - lo, *self.shape[1:]))
+        return out if isinstance(key, slice) else out[0]
+
+
+class DomainStore:
+    """One domain's train and validation sequences, read across its shards."""
+
+    def __init__(self, path: str, val_sequences: int):
+        self.path = path
+        root = epath.Path(path)
+        text = fileio.read_text(str(root / "manifest.json"))
+        if text is None:
+            raise StoreError(f"no store at {path} (manifest.json missing)")
+        self.static = json.loads(text)
+        self.seq_len, self.packing = self.static["seq_len"], self.static["packing"]
+        self.content = self.static["content"]
+        self.entries = {s: committed(path, s) for s in SPLITS}
+        self._shards, self._starts = {}, {}
+        for split, es in self.entries.items():
+            shards = []
+            for e in es:
+                f = root / split / f"{shard_name(e['shard'])}.npy"
+                size = f.stat().length if f.exists() else -1
+                if size != e["bytes"]:
+                    raise StoreError(
+                        f"store shard {f} is damaged or missing ({size} bytes; its entry "
+                        f"says {e['bytes']}); prepare the store again to rebuild it"
+                    )
+                shards.append(_Shard(f, e, self.packing, self.seq_len))
+            self._shards[split] = shards
+            self._starts[split] = np.cumsum([0] + [e["sequences"] for e in es])
+        have_val = int(self._starts["val"][-1])
+        self.num_sequences = {"train": int(self._starts["train"][-1]), "val": val_sequences}
+        if have_val < val_sequences:
+            raise StoreError(
+                f"store {path} holds {have_val} validation sequences, {val_sequences} needed"
+            )
+
+    @property
+    def manifest(self) -> dict:
+        """The static manifest with the counts of the committed shards."""
+        counts = {
+            split: {
+                "shards": len(es),
+                "sequences": int(sum(e["sequences"] for e in es)),
+                "target_tokens": int(sum(e["target_tokens"] for e in es)),
+                "documents_read": int(sum(e["documents"] for e in es)),
             }
-        self.num_sequences = {s: self.manifest[s]["sequences"] for s in ("train", "val")}
+            for split, es in self.entries.items()
+        }
+        return {**self.static, **counts}
 
     def rows(self, split: str, idx: np.ndarray) -> dict:
-        """Sequences `idx` of `split` as int32 arrays [len(idx), seq_len]."""
+        """Sequences `idx` of `split` as int32 arrays [len(idx), seq_len] (KEYS)."""
         idx = np.asarray(idx, dtype=np.int64)
-        s, arr = self.seq_len, self.arrays[split]
+        starts, s = self._starts[split], self.seq_len
+        if idx.size and (idx.min() < 0 or idx.max() >= starts[-1]):
+            raise IndexError(f"{split} sequences of {self.path}: index out of [0, {starts[-1]})")
+        which = np.searchsorted(starts, idx, side="right") - 1
+        n = len(idx)
         if self.packing == "concat":
-            chunk = np.asarray(arr["tokens"][idx[:, None] * s + np.arange(s + 1)], dtype=np.int32)
-            n = len(idx)
+            chunk = np.zeros((n, s + 1), np.int32)
+        else:
+            chunk = np.zeros((n, len(packing_lib.KEYS), s), np.int32)
+        for w in np.unique(which):
+            sel = np.nonzero(which == w)[0]
+            chunk[sel] = self._shards[split][w].rows(idx[sel] - starts[w])
+        if self.packing == "concat":
             return {
                 "inputs": chunk[:, :-1],
                 "targets": chunk[:, 1:],
                 "segment_ids": np.ones((n, s), np.int32),
                 "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (n, s)).copy(),
             }
-        return {k: np.asarray(arr[k][idx], dtype=np.int32) for k in packing_lib.KEYS}
-
-
-def _content_key(src, tok, cfg: Data, domain: str) -> str:
-    parts = [
-        VERSION,
-        src.fingerprint,
-        tok.fingerprint,
-        cfg.seq_len,
-        cfg.packing,
-        cfg.val_fraction,
-        cfg.val_tokens,
-        cfg.domain(domain).text,
-    ]
-    return fileio.digest(parts, 8)
-
-
-def _find(cache: str, prefix: str, need: int) -> str | None:
-    best = None
-    for p in glob.glob(os.path.join(cache, prefix + "-n*")):
-        if not os.path.exists(os.path.join(p, "manifest.json")):
-            continue
-        n = int(p.rsplit("-n", 1)[1])
-        if n >= need and (best is None or n < best[0]):
-            best = (n, p)
-    return best[1] if best else None
-
-
-class _Progress:
-    """A progress bar on one line, redrawn at most every 2 s (process 0 prints it)."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.last = label, max(total, 1), time.monotonic()
-        self.start = self.last
-
-    def _draw(self, n: int, end: str) -> None:
-        if jax.process_index() != 0:
-            return
-        frac = min(n / self.total, 1.0)
-        bar = "#" * int(30 * frac)
-        rate = n / max(time.monotonic() - self.start, 1e-9)
-        print(
-            f"\r{self.label} [{bar:<30}] {n:,}/{self.total:,} sequences, {rate:,.0f}/s",
-            end=end,
-            flush=True,
-        )
-
-    def update(self, n: int) -> None:
-        if time.monotonic() - self.last >= 2.0:
-            self.last = time.monotonic()
-            self._draw(n, "")
-
-    def done(self, n: int) -> None:
-        self._draw(n, "\n")
-
-
-def build_store(src, tok, cfg: Data, domain: str, need: int, path_prefix: str) -> str:
-    """Tokenize `src` until `need` train and the validation sequences are full; write it."""
-    s, pk, frac = cfg.seq_len, cfg.packing, cfg.val_fraction
-    n_val = cfg.val_tokens // s
-    packers = {"train": packing_lib.make_packer(pk, s), "val": packing_lib.make_packer(pk, s)}
-    docs = {"train": 0, "val": 0}
-    eos = np.asarray([tok.eos_id], np.int32)
-    it = src.documents()
-    batch_docs = 256
-    exhausted = False
-    progress = _Progress(f"preparing data.{domain} ({cfg.domain(domain).name})", need + n_val)
-    while packers["train"].sequences() < need or packers["val"].sequences() < n_val:
-        progress.update(packers["train"].sequences() + packers["val"].sequences())
-        batch = []
-        for kv in it:
-            batch.append(kv)
-            if len(batch) == batch_docs:
-                break
-        if not batch:
-            exhausted = True
-            break
-        val = is_val([k for k, _ in batch], frac)
-        ids = tok.encode_batch([t for _, t in batch])
-        for v, doc in zip(val, ids, strict=True):
-            split = "val" if v else "train"
-            packers[split].add(np.concatenate([doc, eos]))
-            docs[split] += 1
-    if exhausted:
-        for p in packers.values():
-            p.flush()
-    have = {k: p.sequences() for k, p in packers.items()}
-    progress.done(have["train"] + have["val"])
-    if docs["train"] + docs["val"] == 0:
-        raise ValueError(f"data.{domain}.source={src.spec!r}: the source is empty (no documents)")
-    if have["train"] < need or have["val"] < n_val:
-        raise ValueError(
-            f"data.{domain}.source={src.spec!r}: holds {have['train']} train and "
-            f"{have['val']} validation "
-            f"sequences of data.seq_len={s}; the plans need {need} train and {n_val} validation "
-            f"(data.val_tokens={cfg.val_tokens}, data.val_fraction={frac})"
-        )
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
-    cache = os.path.dirname(path_prefix)
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache)
-    counts = {}
-    for split, n in (("train", need), ("val", n_val)):
-        arrays = packers[split].take(n)
-        for name, a in arrays.items():
-            np.save(
-                os.path.join(tmp, f"{split}_{name}.npy"),
-                a.astype(dtype if name in ("tokens", "inputs", "targets") else np.int32),
-            )
-        targets = n * s if pk == "concat" else int((arrays["segment_ids"] > 0).sum())
-        counts[split] = {"sequences": n, "target_tokens": targets, "documents_read": docs[split]}
-    manifest = {
-        "version": VERSION,
-        "domain": domain,
-        "name": cfg.domain(domain).name,
-        "source": src.spec,
-        "source_fingerprint": src.fingerprint,
-        "tokenizer": tok.spec,
-        "tokenizer_fingerprint": tok.fingerprint,
-        "eos_id": tok.eos_id,
-        "seq_len": s,
-        "packing": pk,
-        "val_fraction": frac,
-        "content": os.path.basename(path_prefix).rsplit("-", 1)[1],
-        **counts,
-    }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    final = f"{path_prefix}-n{need}"
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same store first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        return {k: chunk[:, i] for i, k in enumerate(packing_lib.KEYS)}
 
 
 class Corpus:
@@ -220,7 +238,9 @@ class Corpus:
         self.tokenizer, self.stores = tokenizer, stores
         self.seq_len, self.packing = seq_len, packing
         self.vocab_size = int(tokenizer.vocab_size)
-        parts = [tokenizer.fingerprint, seq_len, packing] + [stores[d].content for d in DOMAINS]
+        parts = [tokenizer.fingerprint, seq_len, packing] + [
+            [stores[d].content, stores[d].num_sequences["val"]] for d in DOMAINS
+        ]
         self.fingerprint = fileio.digest(parts, 8)
 
     def manifests(self) -> dict:
@@ -234,24 +254,3 @@ def needs_of(plans) -> dict[str, int]:
         for d, n in p.needs.items():
             need[d] = max(need[d], n)
     return need
-
-
-def prepare(cfg: Data, workdir: str, needs: dict[str, int]) -> Corpus:
-    """Build or reuse stores holding `needs` train sequences per domain (and validation),
-    under cfg.cache_dir or <workdir>/data_cache."""
-    if unknown := set(needs) - set(DOMAINS):
-        raise ValueError(f"needs={needs!r}: unknown domains {sorted(unknown)}; allowed {DOMAINS}")
-    tok = make_tokenizer(cfg.tokenizer)
-    cache = cfg.cache_dir or os.path.join(workdir, "data_cache")
-    stores = {}
-    for d in DOMAINS:
-        dom = cfg.domain(d)
-        src = sources.open_source(dom, f"data.{d}")
-        name = "".join(ch if ch.isalnum() else "_" for ch in dom.name)
-        prefix = os.path.join(cache, f"{d}-{name}-{_content_key(src, tok, cfg, d)}")
-        need = needs.get(d, 0)
-        path = _find(cache, os.path.basename(prefix), need) or build_store(
-            src, tok, cfg, d, need, prefix
-        )
-        stores[d] = DomainStore(path)
-    return Corpus(tok, stores, cfg.seq_len, cfg.packing)
