@@ -36,6 +36,7 @@ from retention_jax.data.store import SPLITS, Corpus, DomainStore, StoreError
 from retention_jax.data.tokenizer import make_tokenizer
 
 ENCODE_BATCH = 256  # documents per tokenizer call
+POOL_START_S = 10.0  # work left (in one process) above which starting workers pays
 STALE_TMP_S = 3600.0  # a temporary directory this old belongs to a dead prepare
 
 
@@ -228,7 +229,7 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
     j = min(nxt[sp] for sp in todo)
     seq = _sequential_blocks(src, j) if src.num_blocks is None else None
     n = workers or os.cpu_count() or 1
-    pool = None
+    pool, block_s = None, 0.0
     results: dict[int, dict] = {}
     inflight: dict[cf.Future, int] = {}
     try:
@@ -245,9 +246,10 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
                     j += 1
                     continue
                 block = block_order(src, cfg.seed, domain, j)
-                if pool is None:  # the first block runs here; it tells whether a pool pays
-                    fut = cf.Future()
+                if pool is None:  # blocks run here until a pool would pay for its start
+                    fut, t0 = cf.Future(), time.perf_counter()
                     fut.set_result(job.run(j, block, splits, docs))
+                    block_s = time.perf_counter() - t0
                 else:
                     fut = pool.submit(_run_in_worker, j, block, splits, docs)
                 inflight[fut] = j
@@ -270,7 +272,7 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
             progress.draw(sum(min(have[sp], want[sp]) for sp in SPLITS))
             left = sum(want[sp] - have[sp] for sp in todo)
             per_block = max(1, sum(have.values()) // max(1, sum(nxt.values())))
-            if pool is None and n > 1 and left > per_block:
+            if pool is None and n > 1 and block_s * left / per_block > POOL_START_S:
                 ctx = multiprocessing.get_context("spawn")
                 pool = cf.ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=(job,))
     finally:

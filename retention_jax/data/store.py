@@ -143,14 +143,18 @@ class _RemoteArray:
     def __init__(self, path: epath.Path):
         self.path = path
         with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
             self.offset = f.tell()
         self.shape, self.dtype = shape, dtype
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def __getitem__(self, key) -> np.ndarray:
-        lo, hi = (key.start, key.stop) if isinstance(key, slice) else (key, key + 1)
+        lo, hi = (
+            (key.start, min(key.stop, self.shape[0])) if isinstance(key, slice) else (key, key + 1)
+        )
         with self.path.open("rb") as f:
             f.seek(self.offset + lo * self.row_bytes)
             buf = f.read((hi - lo) * self.row_bytes)
