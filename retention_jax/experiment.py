@@ -226,13 +226,14 @@ def _data_key(exp: config.Experiment) -> str:
 
 def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.Corpus:
     """The node's prepared data, sized for every pending node that shares its data config;
-    checked against the model's vocabulary before anything compiles. A local
-    single-process run prepares what is missing; a multi-process or remote one opens
-    stores that the prepare step (`--only=prepare`) made."""
+    checked against the model's vocabulary before anything compiles. With a local work
+    directory the run prepares what is missing (each process of a multi-process run
+    may: shard commits are idempotent); with a remote one (gs://) it opens the stores
+    that the prepare step (`--only=prepare`) made."""
     key = _data_key(node.exp)
     if key not in cache:
         plans = [data.plan(m.stage, m.exp) for m in pending if _data_key(m.exp) == key]
-        local = "://" not in workdir and jax.process_count() == 1
+        local = "://" not in workdir
         cache[key] = data.prepare(node.exp.data, workdir, data.needs_of(plans), build=local)
     corpus = cache[key]
     if corpus.vocab_size > node.exp.model.vocab_size:

@@ -163,3 +163,20 @@ def test_unwritable_workdir_is_refused_before_tokenizing(tmp_path):
     with pytest.raises(preflight.PreflightError, match="is not writable"):
         experiment.run(default.get_config("smoke"), str(blocker / "w"))
     assert not (tmp_path / "file.d").exists() and blocker.read_text().startswith("a file")
+
+
+@pytest.mark.slow
+def test_a_child_of_a_parent_trained_on_other_tokens_is_refused(smoke_workdir, tmp_path):
+    post = _node("posttrain")
+    shutil.copytree(
+        os.path.join(smoke_workdir, "runs", post.parent.id), tmp_path / "runs" / post.parent.id
+    )
+    record = tmp_path / "runs" / post.parent.id / "config.json"
+    rec = json.loads(record.read_text())
+    ours, rec["data_fingerprint"] = rec["data_fingerprint"], "0123456789abcdef"
+    record.write_text(json.dumps(rec))  # as if the parent had read other stores
+    with pytest.raises(experiment.GraphFailed) as e:
+        experiment.run(default.get_config("smoke"), str(tmp_path), only=post.id)
+    why = e.value.failures[post.id]
+    assert f"parent {post.parent.id} trained on data 0123456789abcdef" in why and ours in why
+    assert not os.path.exists(tmp_path / "runs" / post.id / "ckpt")  # nothing trained

@@ -189,13 +189,13 @@ def test_prepare_and_a_stage(seqio_tasks, tfds_dir, tmp_path):
     assert result["tokens"]["post"] == cfg.data.post_pool_tokens
     assert all(np.isfinite(list(result["val"].values())))
     stores = {
-        os.path.basename(p).split("-")[0]: store.DomainStore(p)
+        os.path.basename(p).split("-")[0]: store.DomainStore(p, 1)
         for p in (tmp_path / "data_cache").iterdir()
         if not p.name.startswith(".")
     }
     assert stores["post"].manifest["source"] == "seqio:eco_mix"
     assert stores["ft"].manifest["source"] == "tfds:eco_chem:train"
-    tokens = np.asarray(stores["post"].arrays["train"]["tokens"][:4000])
+    tokens = np.load(os.path.join(stores["post"].path, "train", "00000000.npy"))[:4000]
     text = bytes((tokens[tokens >= 2] - 2).astype(np.uint8)).decode("utf-8", "replace")
     assert "TUNE 0:" in text or "TUNE 1:" in text  # preprocessed, in the mixture's order
     assert "compound " in text

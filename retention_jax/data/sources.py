@@ -377,9 +377,10 @@ def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
     """A seqio Task, or a Mixture whose tasks are interleaved by their rates.
 
     A Mixture's documents come in the order `interleave(rates)` gives, ending when its
-    first task runs out, so every prefix has the mixture's composition. Prepared stores
-    read a source in order until full (store.py), so the rates decide the document
-    composition of the domain's store; the stage plans then mix domains, not tasks.
+    first task runs out, so every prefix has the mixture's composition. A sequential
+    source's blocks enter its store in stream order (store.py), so the rates decide the
+    document composition of the domain's store; the stage plans then mix domains, not
+    tasks.
     """
     try:
         import seqio
