@@ -72,6 +72,41 @@ def _flan(root):
     return root
 
 
+CHEMPILE_README = """---
+configs:
+- config_name: LibreTexts_Chemistry-default
+  data_files:
+  - split: train
+    path: LibreTexts_Chemistry-default/train-*.parquet
+  - split: test
+    path: LibreTexts_Chemistry-default/test-*.parquet
+- config_name: wikibooks-default
+  data_files:
+  - split: train
+    path: wikibooks-default/train-*.parquet
+---
+# ChemPile-Education (fixture)
+"""
+
+
+def _chempile(root):
+    """jablonkagroup/chempile-education layout: one README config per sub-source, each
+    CONFIG/{split}-NNNNN-of-NNNNN.parquet with a text column."""
+    (root / "LibreTexts_Chemistry-default").mkdir(parents=True)
+    (root / "wikibooks-default").mkdir()
+    (root / "README.md").write_text(CHEMPILE_README)
+    for cfg_name, split, n in (
+        ("LibreTexts_Chemistry-default", "train", 120),
+        ("LibreTexts_Chemistry-default", "test", 30),
+        ("wikibooks-default", "train", 50),
+    ):
+        texts = [f"{cfg_name} {split} {i}: the molar mass of CH4 is 16.04 g/mol." for i in range(n)]
+        pq.write_table(
+            pa.table({"text": texts}), root / cfg_name / f"{split}-00000-of-00001.parquet"
+        )
+    return root
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
@@ -79,6 +114,7 @@ def hub(tmp_path_factory):
         "c4": _c4(root / "c4"),
         "music": _musicpile(root / "MusicPile"),
         "flan": _flan(root / "flan"),
+        "chem": _chempile(root / "chempile-education"),
     }
 
 
@@ -271,3 +307,14 @@ def test_bad_inputs_name_key_and_value(tmp_path, hub):
         data.make_tokenizer("bpe")
     with pytest.raises(ValueError, match="data.pre.source='hf:./missing_dir'"):
         sources.open_source(domain("hf:./missing_dir", "x", "text"), "data.pre")
+
+
+def test_chempile_config_offline(hub):
+    chem = domain(f"hf:{hub['chem']}", "chempile", config="LibreTexts_Chemistry-default")
+    docs = list(sources.open_source(chem, "data.ft").documents())
+    assert len(docs) == 120 and docs[0][1].startswith("LibreTexts_Chemistry-default train 0:")
+    assert docs[0][0] == "LibreTexts_Chemistry-default/train-00000-of-00001.parquet:0"
+    test = dataclasses.replace(chem, options={**chem.options, "split": "test"})
+    assert len(list(sources.open_source(test, "data.ft").documents())) == 30
+    with pytest.raises(ValueError, match=r"data.ft.options.config='': not in .*wikibooks-default"):
+        sources.open_source(domain(f"hf:{hub['chem']}", "chempile", config=""), "data.ft")
