@@ -234,3 +234,10 @@ def test_killed_prepare_resumes_to_the_uninterrupted_store(tmp_path):
     assert stores["killed"].name == stores["clean"].name
     assert not [p for p in os.listdir(stores["killed"]) if p.startswith(".tmp-")]
     shutil.rmtree(tmp_path / "src")
+
+
+def test_every_source_opens_before_any_is_tokenized(tmp_path):
+    e = exp(tmp_path / "c", **{"data.ft.source": "files:/nonexistent/*.jsonl"})
+    with pytest.raises(ValueError, match="data.ft.source='files:/nonexistent/"):
+        data.prepare(e.data, str(tmp_path), {"pre": 100, "post": 100})
+    assert not (tmp_path / "c").exists()  # D_pre and D_post were not tokenized

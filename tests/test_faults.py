@@ -17,9 +17,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from configs import default
 from retention_jax import callbacks, checkpoint, experiment, preflight, sharding, stage, trainer
+from retention_jax.data import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,3 +182,98 @@ def test_a_child_of_a_parent_trained_on_other_tokens_is_refused(smoke_workdir, t
     why = e.value.failures[post.id]
     assert f"parent {post.parent.id} trained on data 0123456789abcdef" in why and ours in why
     assert not os.path.exists(tmp_path / "runs" / post.id / "ckpt")  # nothing trained
+
+
+# main.py, SIGKILLed by itself at the n-th write-open of a path matching a pattern
+# ("open|REGEX|N", seen by an audit hook) or at the n-th call of a function
+# ("call|MODULE:FUNCTION|N"): real kills at points a signal from outside cannot aim at.
+_KILL_AT = """
+import importlib, os, re, runpy, signal, sys
+kind, what, nth = os.environ["RJ_KILL"].split("|")
+seen = [0]
+
+def hit():
+    seen[0] += 1
+    if seen[0] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if kind == "open":
+    pattern, write = re.compile(what), os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], str) and pattern.search(args[0]):
+            if (args[1] and any(c in args[1] for c in "wax+")) or (args[2] or 0) & write:
+                hit()
+
+    sys.addaudithook(hook)
+else:
+    module, name = what.split(":")
+    m = importlib.import_module(module)
+    original = getattr(m, name)
+
+    def wrapped(*a, **k):
+        hit()
+        return original(*a, **k)
+
+    setattr(m, name, wrapped)
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _killed_at(point: str, workdir: str, *flags: str) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-c", _KILL_AT, "--config=configs/default.py:smoke"]
+    t = time.monotonic()
+    proc = subprocess.run(
+        [*cmd, f"--workdir={workdir}", *flags],
+        cwd=ROOT,
+        env=dict(os.environ, RJ_KILL=point),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+
+@pytest.mark.slow
+def test_sigkill_at_six_points_then_the_rerun_is_bit_identical(smoke_workdir, tmp_path):
+    """One pretraining node killed in turn during data preparation, mid-step, during a
+    checkpoint save, mid-evaluation and while writing result.json; then the graph killed
+    while writing results.jsonl. Each rerun goes on; the end equals the uninterrupted run."""
+    node = _node("pretrain")
+    workdir = str(tmp_path / "w")
+    flags = (f"--only={node.id}", "--config.ckpt.every=4")
+    points = {
+        "data preparation": r"open|/data_cache/pre-[^/]+/\.tmp-[^/]+/train-|1",
+        "checkpoint save": r"open|/ckpt/|3",
+        "evaluation": "call|retention_jax.evaluate:losses|1",
+        "result.json": r"open|/\.result\.json\.[0-9a-f]+\.tmp$|1",
+    }
+    rc, out, _ = _killed_at(points.pop("data preparation"), workdir, *flags)
+    assert rc == -signal.SIGKILL, out[-3000:]
+    (pre,) = [p for p in os.listdir(os.path.join(workdir, "data_cache")) if p.startswith("pre-")]
+    assert store.committed(os.path.join(workdir, "data_cache", pre), "train") == []
+    proc = _start(workdir, node.id, "--config.ckpt.every=4")  # mid-step: killed from outside
+    _wait_for(proc, rf"{node.id} step 8/")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    for name, point in points.items():
+        rc, out, _ = _killed_at(point, workdir, *flags)
+        assert rc == -signal.SIGKILL and "resumed at step" in out, (name, out[-3000:])
+        assert stage.read_result(os.path.join(workdir, "runs", node.id)) is None, name
+    rc, out = _finish(_start(workdir, node.id, "--config.ckpt.every=4"))
+    assert rc == 0 and "resumed at step" in out, out[-3000:]
+    _same_result(smoke_workdir, workdir, node)
+
+    graph = str(tmp_path / "graph")
+    shutil.copytree(smoke_workdir, graph)
+    os.remove(os.path.join(graph, experiment.RESULTS))
+    rc, out, _ = _killed_at(r"open|/\.results\.jsonl\.[0-9a-f]+\.tmp$|1", graph)
+    assert rc == -signal.SIGKILL and not os.path.exists(os.path.join(graph, experiment.RESULTS))
+    rc, out = _finish(_start(graph, ""))
+    assert rc == 0, out[-3000:]
+    rows, ref = (
+        [json.loads(x) for x in (epath.Path(w) / experiment.RESULTS).read_text().splitlines()]
+        for w in (graph, smoke_workdir)
+    )
+    assert rows == ref

@@ -76,6 +76,9 @@ class _Job:
 
     def tok(self):
         if self._tok is None:
+            # One core per worker: `data.workers` processes are the parallelism, so the
+            # tokenizers library's own threads would only oversubscribe the cores.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self._tok = make_tokenizer(self.tokenizer)
         return self._tok
 
@@ -133,7 +136,6 @@ _WORKER: _Job | None = None
 
 def _init_worker(job: _Job) -> None:
     global _WORKER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _WORKER = job
 
 
@@ -333,16 +335,17 @@ def prepare(
     cfg: Data, root: str, needs: dict[str, int], *, build: bool = True, verify: bool = False
 ) -> Corpus:
     """Stores holding `needs` train sequences per domain and the validation sets, under
-    cfg.cache_dir or <root>/data_cache. `build=False` opens prepared stores only;
-    `verify` checks every shard's checksum."""
+    cfg.cache_dir or <root>/data_cache. Every source is opened (files found, hub commit
+    resolved, fingerprint taken) before any is tokenized. `build=False` opens prepared
+    stores only; `verify` checks every shard's checksum."""
     if unknown := set(needs) - set(DOMAINS):
         raise ValueError(f"needs={needs!r}: unknown domains {sorted(unknown)}; allowed {DOMAINS}")
     tok = make_tokenizer(cfg.tokenizer)
     cache = cfg.cache_dir or os.path.join(root, "data_cache")
     n_val = cfg.val_tokens // cfg.seq_len
+    srcs = {d: sources.open_source(cfg.domain(d), f"data.{d}") for d in DOMAINS}  # all first
     stores = {}
-    for d in DOMAINS:
-        src = sources.open_source(cfg.domain(d), f"data.{d}")
+    for d, src in srcs.items():
         content = content_key(src, tok, cfg, d)
         path = store_path(cache, d, cfg, content)
         want = {"train": needs.get(d, 0), "val": n_val}
