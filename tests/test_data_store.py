@@ -241,3 +241,13 @@ def test_every_source_opens_before_any_is_tokenized(tmp_path):
     with pytest.raises(ValueError, match="data.ft.source='files:/nonexistent/"):
         data.prepare(e.data, str(tmp_path), {"pre": 100, "post": 100})
     assert not (tmp_path / "c").exists()  # D_pre and D_post were not tokenized
+
+
+def test_the_index_caches_entries_and_yields_to_them(tmp_path):
+    corpus = data.prepare(exp(tmp_path).data, str(tmp_path), {"pre": 2000})
+    path = corpus.stores["pre"].path
+    es = entries(path)["train"]
+    index = json.loads((epath.Path(path) / "train" / store.INDEX).read_text())
+    assert len(es) >= 2 and index == es
+    os.remove(os.path.join(path, "train", "00000001.json"))  # shard 1 no longer committed
+    assert store.committed(path, "train") == es[:1]

@@ -258,11 +258,14 @@ def test_sigkill_at_six_points_then_the_rerun_is_bit_identical(smoke_workdir, tm
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     for name, point in points.items():
-        rc, out, _ = _killed_at(point, workdir, *flags)
+        rc, out, seconds = _killed_at(point, workdir, *flags)
         assert rc == -signal.SIGKILL and "resumed at step" in out, (name, out[-3000:])
+        print(f"killed during {name} after {seconds:.1f} s")
         assert stage.read_result(os.path.join(workdir, "runs", node.id)) is None, name
+    t = time.monotonic()
     rc, out = _finish(_start(workdir, node.id, "--config.ckpt.every=4"))
     assert rc == 0 and "resumed at step" in out, out[-3000:]
+    print(f"rerun after the last kill: {time.monotonic() - t:.1f} s")  # the recovery time
     _same_result(smoke_workdir, workdir, node)
 
     graph = str(tmp_path / "graph")
@@ -270,8 +273,10 @@ def test_sigkill_at_six_points_then_the_rerun_is_bit_identical(smoke_workdir, tm
     os.remove(os.path.join(graph, experiment.RESULTS))
     rc, out, _ = _killed_at(r"open|/\.results\.jsonl\.[0-9a-f]+\.tmp$|1", graph)
     assert rc == -signal.SIGKILL and not os.path.exists(os.path.join(graph, experiment.RESULTS))
+    t = time.monotonic()
     rc, out = _finish(_start(graph, ""))
     assert rc == 0, out[-3000:]
+    print(f"rerun after the results.jsonl kill: {time.monotonic() - t:.1f} s")
     rows, ref = (
         [json.loads(x) for x in (epath.Path(w) / experiment.RESULTS).read_text().splitlines()]
         for w in (graph, smoke_workdir)

@@ -284,6 +284,8 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
             pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
     progress.draw(sum(min(have[sp], want[sp]) for sp in SPLITS), end="\n")
+    for sp in SPLITS:
+        store.write_index(path, sp, store.committed(path, sp))
     if todo:
         spec = cfg.domain(domain).source
         if sum(e["documents"] for sp in SPLITS for e in store.committed(path, sp)) == 0:

@@ -10,6 +10,7 @@ A store is a directory under the data root (local or gs://), named
   train/00000000.npy     shard j: the packed training rows of the store's block j
   train/00000000.json    its entry: documents, sequences, target tokens, bytes, blake2b
   val/...                the same for validation
+  train/index.json       every committed entry in one file (written after a prepare)
 
 Blocks and sampling. The store's block j is source block order(j), where `order` is a
 permutation of the source's blocks seeded by data.seed (sources.py defines the blocks, a
@@ -54,6 +55,7 @@ from retention_jax.data import packing as packing_lib
 
 VERSION = "store-v2"
 SPLITS = ("train", "val")
+INDEX = "index.json"
 
 
 class StoreError(ValueError):
@@ -80,15 +82,27 @@ def checksum(data: bytes) -> str:
 
 
 def committed(path: str, split: str) -> list[dict]:
-    """Entries of the contiguous committed shards 0, 1, ... of `split`."""
+    """Entries of the contiguous committed shards 0, 1, ... of `split`: those the split's
+    index holds (one read, where a store has thousands of shards on gs://), then any
+    committed after it."""
     d = epath.Path(path) / split
     if not d.exists():
         return []
-    have = {p.name for p in d.iterdir() if p.name.endswith(".json")}
+    names = {p.name for p in d.iterdir()}
     out = []
-    while f"{shard_name(len(out))}.json" in have:
+    for e in json.loads((d / INDEX).read_text()) if INDEX in names else []:
+        if f"{shard_name(e['shard'])}.json" not in names:  # removed since: not committed
+            break
+        out.append(e)
+    while f"{shard_name(len(out))}.json" in names:
         out.append(json.loads((d / f"{shard_name(len(out))}.json").read_text()))
     return out
+
+
+def write_index(path: str, split: str, entries: list[dict]) -> None:
+    """All entries of a split in one file (a cache of them: the entries stay the truth)."""
+    if entries:
+        fileio.write_json(str(epath.Path(path) / split / INDEX), entries)
 
 
 def verify(path: str, entries: dict[str, list[dict]]) -> None:
