@@ -201,6 +201,17 @@ def _commit(path: epath.Path, split: str, result: dict) -> None:
     fileio.write_json(str(path / split / f"{name}.json"), result["entry"])
 
 
+def _result(fut: cf.Future) -> dict:
+    try:
+        return fut.result()
+    except cf.process.BrokenProcessPool as e:
+        raise RuntimeError(
+            "a tokenizing worker of the prepare step died: killed, out of memory (lower "
+            "data.workers), or started by a script without an `if __name__ == '__main__':` "
+            "guard (workers start with Python's spawn method, which reruns the script)"
+        ) from e
+
+
 def _sequential_blocks(src, first: int):
     """Blocks first, first+1, ... of a sequential source, as document lists."""
     it = src.documents()
@@ -260,7 +271,7 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
                 break
             done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                results[inflight.pop(fut)] = fut.result()
+                results[inflight.pop(fut)] = _result(fut)
             for sp in sorted(todo):
                 while sp in todo and sp in results.get(nxt[sp], {}):
                     r = results[nxt[sp]].pop(sp)
