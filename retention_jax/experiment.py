@@ -294,11 +294,10 @@ def run(
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
     prep_or_dry = dry_run or only == PREPARE  # neither needs the config's devices here
     nodes = expand(cfg, devices_for(cfg, devices) if prep_or_dry else jax.device_count())
-    if only == PREPARE:
-        if not dry_run:
-            prepare(nodes, workdir)
+    if only == PREPARE and not dry_run:
+        prepare(nodes, workdir)
         return []
-    todo = select(nodes, only) if only else nodes
+    todo = select(nodes, only) if only and only != PREPARE else nodes
     if dry_run:
         print(plan_table(todo))
         return []

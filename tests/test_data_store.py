@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -251,3 +252,22 @@ def test_the_index_caches_entries_and_yields_to_them(tmp_path):
     assert len(es) >= 2 and index == es
     os.remove(os.path.join(path, "train", "00000001.json"))  # shard 1 no longer committed
     assert store.committed(path, "train") == es[:1]
+
+
+def test_the_prepare_step_fills_every_store_the_graph_reads(tmp_path, capsys):
+    from configs import default
+    from retention_jax import experiment
+
+    c = default.get_config("smoke")
+    assert experiment.run(c, str(tmp_path), only=experiment.PREPARE) == []
+    out = capsys.readouterr().out
+    nodes = experiment.expand(c)
+    needs = data.needs_of([data.plan(n.stage, n.exp) for n in nodes])
+    for d in data.DOMAINS:
+        n = int(
+            re.search(rf"data.{d}: .*: ([\d,]+) train sequences", out).group(1).replace(",", "")
+        )
+        assert n >= needs[d] > 0
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing compiled
+    corpus = data.prepare(nodes[0].exp.data, str(tmp_path), needs, build=False)
+    assert corpus.fingerprint == data.prepare(nodes[0].exp.data, str(tmp_path), needs).fingerprint
