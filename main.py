@@ -48,6 +48,9 @@ def main(argv):
     except callbacks.Preempted as e:
         print(e, flush=True)
         sys.exit(callbacks.EXIT_PREEMPTED)
+    except experiment.DiskFull as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(experiment.EXIT_DISK_FULL)
     except experiment.GraphFailed as e:
         failed, rows = e, e.rows
     if rows and jax.process_index() == 0:

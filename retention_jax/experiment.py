@@ -12,6 +12,7 @@ before anything is prepared or compiled) and where the process's `Runtime` is cr
 """
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -36,6 +37,26 @@ PREPARE = "prepare"  # --only=prepare: the data wave
 FAILED = "failed.json"
 PLAN_DEVICE, PLAN_MFU = "H100", 0.4  # the dry run's device-hours estimate (a stated rate)
 CHECKPOINTS_KEPT = 2  # per run: the latest and the one before it (or the best step)
+
+
+EXIT_DISK_FULL = 74  # EX_IOERR: free space, then the same command resumes
+
+
+class DiskFull(RuntimeError):
+    """The work directory ran out of space: the graph stops (every node would fail)."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC / EDQUOT."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):  # wrapped by a C++ writer
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class GraphFailed(RuntimeError):
@@ -388,6 +409,13 @@ def _run_node(n: Node, runs: dict, corpus, rt, extra_callbacks) -> str | None:
     except cb.Preempted:
         raise
     except Exception as e:  # contained: recorded, the graph goes on
+        if _disk_full(e):
+            steps = _committed_steps(runs[n.id])
+            raise DiskFull(
+                f"the work directory is full ({type(e).__name__}: {e}) while {n.id} ran; "
+                f"its last committed checkpoint is step {steps[-1] if steps else None}. "
+                "Free space (or move --workdir), then rerun the same command: it resumes."
+            ) from e
         return _record_failure(runs[n.id], n, e)
     finally:
         if held is not None:
@@ -401,9 +429,14 @@ def _run_node(n: Node, runs: dict, corpus, rt, extra_callbacks) -> str | None:
     return None
 
 
+def _committed_steps(run_dir: str) -> list[int]:
+    """Checkpoint steps of a run (a step being saved is a tmp directory, not counted)."""
+    return sorted(int(p.name) for p in epath.Path(run_dir, "ckpt").glob("*") if p.name.isdigit())
+
+
 def _record_failure(run_dir: str, node: Node, error: Exception) -> str:
     """Writes failed.json (error, traceback, last checkpoint) and returns a one-line reason."""
-    steps = sorted(int(p.name) for p in epath.Path(run_dir, "ckpt").glob("[0-9]*"))
+    steps = _committed_steps(run_dir)
     why = f"{type(error).__name__}: {error}"
     record = {
         "id": node.id,

@@ -282,3 +282,39 @@ def test_sigkill_at_six_points_then_the_rerun_is_bit_identical(smoke_workdir, tm
         for w in (graph, smoke_workdir)
     )
     assert rows == ref
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (needs mount privileges, as on the reference machine)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (no privileges)")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.slow
+def test_a_disk_full_mid_run_stops_the_graph_and_the_rerun_resumes(smoke_workdir, small_disk):
+    node = _node("pretrain")
+    workdir = str(small_disk / "w")
+    proc = _start(workdir, node.id, "--config.ckpt.every=4")
+    _wait_for(proc, rf"{node.id} step 8/")
+    proc.send_signal(signal.SIGSTOP)  # fill the disk between two checkpoints
+    with open(small_disk / "filler", "wb") as f, pytest.raises(OSError, match="No space"):
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    proc.send_signal(signal.SIGCONT)
+    rc, out = _finish(proc)
+    assert rc == experiment.EXIT_DISK_FULL, out[-3000:]
+    assert (
+        f"the work directory is full (OSError: [Errno 28] No space left on device) while {node.id}"
+        in out
+    )
+    assert stage.read_result(os.path.join(workdir, "runs", node.id)) is None
+    os.remove(small_disk / "filler")
+    rc, out = _finish(_start(workdir, node.id, "--config.ckpt.every=4"))
+    assert rc == 0 and "resumed at step" in out, out[-3000:]
+    _same_result(smoke_workdir, workdir, node)
