@@ -23,7 +23,6 @@ import tempfile
 import time
 import uuid
 
-import jax
 import numpy as np
 from etils import epath
 
@@ -151,6 +150,8 @@ class _Progress:
         self.start = self.last
 
     def draw(self, n: int, end: str = "") -> None:
+        import jax  # here, not at the top: the workers never draw and never import it
+
         if jax.process_index() != 0 or (not end and time.monotonic() - self.last < 2.0):
             return
         self.last = time.monotonic()
