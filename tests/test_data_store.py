@@ -196,10 +196,21 @@ import sys
 sys.path.insert(0, {root!r})
 from tests.test_data_store import exp
 from retention_jax import data
+from retention_jax.data import prep
+prep.POOL_START_S = 0.0  # the workers start after the first block, however fast it was
 e = exp({cache!r}, **{kw!r})
 data.prepare(e.data, {cache!r}, {{"pre": 0, "post": {need}, "ft": 0}})
 print("done")
 """
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid` (Linux /proc)."""
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
 
 
 @pytest.mark.slow
@@ -222,9 +233,15 @@ def test_killed_prepare_resumes_to_the_uninterrupted_store(tmp_path):
                 if train and len(store.committed(train, "train")) >= 3:
                     break
                 time.sleep(0.05)
+            workers = _children(proc.pid)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             assert train and 3 <= len(store.committed(train, "train")) < 16
+            assert len(workers) >= 2  # the workers (and multiprocessing's resource tracker)
+            deadline = time.monotonic() + 10  # the orphaned workers end with their parent
+            while any(os.path.exists(f"/proc/{w}") for w in workers):
+                assert time.monotonic() < deadline, f"workers {workers} outlived the prepare"
+                time.sleep(0.1)
             assert [p for p in os.listdir(train) if p.startswith(".tmp-")]  # left by the kill
             proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE)
         out, _ = proc.communicate(timeout=600)

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 
@@ -133,9 +134,18 @@ class _Job:
 _WORKER: _Job | None = None
 
 
-def _init_worker(job: _Job) -> None:
+def _init_worker(job: _Job, parent: int) -> None:
     global _WORKER
     _WORKER = job
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Ends this worker once the prepare process is gone (killed: nothing else would; the
+    workers share the task queue's pipe, so none of them ever sees it close)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _run_in_worker(j: int, block: int, splits: tuple[str, ...], docs=None) -> dict:
@@ -288,7 +298,9 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
             per_block = max(1, sum(have.values()) // max(1, sum(nxt.values())))
             if pool is None and n > 1 and block_s * left / per_block > POOL_START_S:
                 ctx = multiprocessing.get_context("spawn")
-                pool = cf.ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=(job,))
+                pool = cf.ProcessPoolExecutor(
+                    n, ctx, initializer=_init_worker, initargs=(job, os.getpid())
+                )
     finally:
         for fut in inflight:
             fut.cancel()
