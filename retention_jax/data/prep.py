@@ -10,8 +10,9 @@ order(j), tokenizer, packing), and exactly the shortest run of blocks that fills
 split is committed. The layout, the sampling rule and the integrity checks are in
 store.py.
 
-Training runs open stores read-only (`build=False`): a missing or short store is an
-error that names it and the command that prepares it. A local run prepares first.
+Training runs with a remote work directory open stores read-only (`build=False`): a
+missing or short store is an error that names it and the command that prepares it. A
+run with a local work directory prepares what it lacks first.
 """
 
 import concurrent.futures as cf
