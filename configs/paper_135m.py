@@ -63,6 +63,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.model.remat = "dots"
     c.data.tokenizer = "hf:HuggingFaceTB/SmolLM2-135M"
     c.data.seq_len = 1024
+    c.data.read_threads = 4  # prefetch batches while the accelerator steps
     c.data.post_pool_tokens = 300 * M
     c.data.ft_pool_tokens = 300 * M
     c.data.val_tokens = 2 * M
