@@ -259,8 +259,8 @@ def _grid(tiny: bool) -> list[tuple[str, dict, int, int]]:
 def device_suite(out: str, tiny: bool) -> dict:
     """Runs the device grid and writes `<out>/device.json`; returns its content."""
     backend = jax.default_backend()
-    attentions = {"cpu": ["einsum", "xla"], "gpu": ["einsum", "xla", "cudnn"]}.get(
-        backend, ["einsum", "xla", "splash"]
+    attentions = ["einsum", "einsum_vjp", "xla"] + {"gpu": ["cudnn"], "tpu": ["splash"]}.get(
+        backend, []
     )
     remats = ["none", "full"] if tiny else ["none", "dots", "full"]
     steps = 2 if tiny else 5

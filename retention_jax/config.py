@@ -19,7 +19,7 @@ DOMAINS = ("pre", "post", "ft")  # fixed order: batch["domain"] indexes it
 MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
+ATTENTION = ("auto", "einsum", "einsum_vjp", "xla", "cudnn", "splash")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 PACKINGS = ("concat", "first_fit")
 EXPOSURE_MODES = ("add", "replace")
@@ -387,11 +387,12 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
         dropout=dropout,
         lora=lora,
     )
-    if model.attention not in ("auto", "einsum") and dropout.attn > 0:
+    if model.attention not in ("auto", "einsum", "einsum_vjp") and dropout.attn > 0:
         fail(
             s.key("attention"),
             model.attention,
-            f"auto | einsum while {path}.dropout.attn > 0 (attention-probability dropout)",
+            f"auto | einsum | einsum_vjp while {path}.dropout.attn > 0 "
+            "(attention-probability dropout)",
         )
     s.done()
     if mesh is not None:

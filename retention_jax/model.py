@@ -54,7 +54,6 @@ _REMAT = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
 }
-ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
 def axis_sizes(cfg: config.Model) -> dict[str, int]:
@@ -247,21 +246,22 @@ def shard_rows(x: jax.Array) -> jax.Array:
 def attention_impl(cfg: config.Model, seq_len: int) -> str:
     """The attention implementation `auto` stands for on this backend.
 
-    CPU: the einsum path (head-major batched matmuls; measured faster than
-    `jax.nn.dot_product_attention` on XLA:CPU, benchmarks/step.py). GPU: cuDNN flash
-    attention in bf16 (it takes no fp32). TPU: the splash kernel when the length tiles
-    into its 128-wide blocks. Attention-probability dropout needs the einsum path.
+    CPU: the einsum path with its hand-written backward pass (head-major batched
+    matmuls; faster than autodiff of it and than `jax.nn.dot_product_attention` on
+    XLA:CPU, benchmarks/step.py). GPU: cuDNN flash attention in bf16 (it takes no fp32).
+    TPU: the splash kernel when the length tiles into its 128-wide blocks.
+    Attention-probability dropout needs an einsum path.
     """
     if cfg.attention != "auto":
         return cfg.attention
     backend = jax.default_backend()
     if cfg.dropout.attn > 0:
-        return "einsum"
+        return "einsum_vjp"
     if backend == "gpu":
         return "cudnn" if cfg.dtype == "bfloat16" else "xla"
     if backend == "tpu" and seq_len % 128 == 0:
         return "splash"
-    return "einsum" if backend == "cpu" else "xla"
+    return "einsum_vjp" if backend == "cpu" else "xla"
 
 
 def layer_unroll(cfg: config.Model) -> int:
@@ -289,7 +289,7 @@ def _log_choice(scan: bool, unroll: int, impl: str, backend: str) -> None:
 
 def _mask(impl: str, segment_ids_BxL: jax.Array):
     """What each implementation takes to keep attention causal and within a segment."""
-    if impl == "einsum":
+    if impl in ("einsum", "einsum_vjp"):
         L = segment_ids_BxL.shape[1]
         causal_LxL = jnp.tril(jnp.ones((L, L), bool))
         same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
@@ -301,22 +301,73 @@ def _mask(impl: str, segment_ids_BxL: jax.Array):
     return segment_ids_BxL  # splash builds its mask from the ids
 
 
-def _einsum_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, bias_Bx1x1xLxL, drop):
-    """Reference attention. Head-major layouts make both matmuls plain batched matmuls
-    over (B, K) with no transpose of an LxL tensor: only q/k/v/output move."""
+def _heads(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE):
+    """Head-major layouts: both attention matmuls become plain batched matmuls over
+    (B, K) with no transpose of an LxL tensor; only q/k/v and the output move."""
     B, L, H, E = q_BxLxHxE.shape
     K = k_BxLxKxE.shape[2]
     q_BxKxGxLxE = (q_BxLxHxE * (E**-0.5)).reshape(B, L, K, H // K, E).transpose(0, 2, 3, 1, 4)
-    k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
-    v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
+    return q_BxKxGxLxE, k_BxLxKxE.transpose(0, 2, 1, 3), v_BxLxKxE.transpose(0, 2, 1, 3)
+
+
+def _unheads(a_BxKxGxLxE: jax.Array) -> jax.Array:
+    B, K, G, L, E = a_BxKxGxLxE.shape
+    return a_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, E)
+
+
+def _probs(q_BxKxGxLxE, k_BxKxLxE, bias_Bx1x1xLxL):
     s_BxKxGxLxL = jnp.einsum(
         "BKGLE,BKME->BKGLM", q_BxKxGxLxE, k_BxKxLxE, preferred_element_type=jnp.float32
     )
     # An additive mask fuses into the softmax and needs no select in the backward pass.
-    p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL + bias_Bx1x1xLxL, axis=-1).astype(q_BxLxHxE.dtype)
-    p_BxKxGxLxL = drop(p_BxKxGxLxL)
-    a_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", p_BxKxGxLxL, v_BxKxLxE)
-    return a_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
+    return jax.nn.softmax(s_BxKxGxLxL + bias_Bx1x1xLxL, axis=-1).astype(q_BxKxGxLxE.dtype)
+
+
+def _einsum_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, bias_Bx1x1xLxL, drop):
+    """Reference attention, differentiated by JAX."""
+    q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE = _heads(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
+    p_BxKxGxLxL = drop(_probs(q_BxKxGxLxE, k_BxKxLxE, bias_Bx1x1xLxL))
+    return _unheads(jnp.einsum("BKGLM,BKME->BKGLE", p_BxKxGxLxL, v_BxKxLxE))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_vjp(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, bias_Bx1x1xLxL, key, rate):
+    """`_einsum_attention` on head-major, pre-scaled q, k, v with a hand-written backward
+    pass; `key` draws the probability dropout mask at `rate` (None: no dropout)."""
+    return _attention_vjp_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, bias_Bx1x1xLxL, key, rate)[0]
+
+
+def _attention_vjp_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, bias_Bx1x1xLxL, key, rate):
+    p_BxKxGxLxL = _probs(q_BxKxGxLxE, k_BxKxLxE, bias_Bx1x1xLxL)
+    keep = None if key is None else jax.random.bernoulli(key, 1.0 - rate, p_BxKxGxLxL.shape)
+    pd_BxKxGxLxL = p_BxKxGxLxL if keep is None else _kept(p_BxKxGxLxL, keep, rate)
+    o_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", pd_BxKxGxLxL, v_BxKxLxE)
+    res = (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, p_BxKxGxLxL, keep, o_BxKxGxLxE)
+    return o_BxKxGxLxE, res
+
+
+def _attention_vjp_bwd(rate, res, do_BxKxGxLxE):
+    """Softmax backward as P * (dP - D) with D = rowsum(dO * O), a reduction over the
+    head dimension (E) instead of the LxL one that autodiff of the softmax performs."""
+    q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, p_BxKxGxLxL, keep, o_BxKxGxLxE = res
+    pd_BxKxGxLxL = p_BxKxGxLxL if keep is None else _kept(p_BxKxGxLxL, keep, rate)
+    dv_BxKxLxE = jnp.einsum("BKGLM,BKGLE->BKME", pd_BxKxGxLxL, do_BxKxGxLxE)
+    dp_BxKxGxLxL = jnp.einsum("BKGLE,BKME->BKGLM", do_BxKxGxLxE, v_BxKxLxE)
+    if keep is not None:
+        dp_BxKxGxLxL = _kept(dp_BxKxGxLxL, keep, rate)
+    d_BxKxGxLx1 = (do_BxKxGxLxE * o_BxKxGxLxE).sum(-1, keepdims=True, dtype=jnp.float32)
+    ds_BxKxGxLxL = (p_BxKxGxLxL * (dp_BxKxGxLxL - d_BxKxGxLx1)).astype(q_BxKxGxLxE.dtype)
+    dq_BxKxGxLxE = jnp.einsum("BKGLM,BKME->BKGLE", ds_BxKxGxLxL, k_BxKxLxE)
+    dk_BxKxLxE = jnp.einsum("BKGLM,BKGLE->BKME", ds_BxKxGxLxL, q_BxKxGxLxE)
+    return dq_BxKxGxLxE, dk_BxKxLxE, dv_BxKxLxE, None, None
+
+
+_attention_vjp.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
+
+
+def _kept(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout with a given keep mask (`_dropout` draws the same mask)."""
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
@@ -368,7 +419,6 @@ def _block_fn(cfg: config.Model, impl: str, B: int, L: int) -> Callable:
     rate = cfg.dropout
     lora_scale = cfg.lora.alpha / max(cfg.lora.rank, 1)
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G = H // K
 
     def block(w, i, x_TxD, inputs: LayerInputs, key):
         mask, cos_TxE, sin_TxE = inputs
@@ -388,27 +438,16 @@ def _block_fn(cfg: config.Model, impl: str, B: int, L: int) -> Callable:
             return lora(name, y, jnp.tensordot(y, w[name], axes=len(_PROJ[name][0])))
 
         h_TxD = _rms_norm(x_TxD, w["attn_norm"], cfg.norm_eps)
-        # q, k, v as one matmul: (D, K, G+2, E) groups each kv head's queries with its
-        # key and value, so a heads-sharded mesh splits the fused weight along K as well.
-        D = h_TxD.shape[-1]
-        w_qkv = jnp.concatenate(
-            [
-                w["q"].reshape(D, K, G, E),
-                w["k"].reshape(D, K, 1, E),
-                w["v"].reshape(D, K, 1, E),
-            ],
-            axis=2,
-        )
-        qkv_TxKxG2xE = jnp.tensordot(h_TxD, w_qkv, axes=1)
-        q_TxHxE = lora("q", h_TxD, qkv_TxKxG2xE[:, :, :G].reshape(B * L, H, E))
-        k_TxKxE = lora("k", h_TxD, qkv_TxKxG2xE[:, :, G])
-        v_TxKxE = lora("v", h_TxD, qkv_TxKxG2xE[:, :, G + 1])
-        q_BxLxHxE = _apply_rope(q_TxHxE, cos_TxE, sin_TxE).reshape(B, L, H, E)
-        k_BxLxKxE = _apply_rope(k_TxKxE, cos_TxE, sin_TxE).reshape(B, L, K, E)
-        v_BxLxKxE = v_TxKxE.reshape(B, L, K, E)
+        q_BxLxHxE = _apply_rope(proj("q", h_TxD), cos_TxE, sin_TxE).reshape(B, L, H, E)
+        k_BxLxKxE = _apply_rope(proj("k", h_TxD), cos_TxE, sin_TxE).reshape(B, L, K, E)
+        v_BxLxKxE = proj("v", h_TxD).reshape(B, L, K, E)
         if impl == "einsum":
             attn = lambda p: drop(p, rate.attn, _ATTN)
             a_BxLxHxE = _einsum_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask, attn)
+        elif impl == "einsum_vjp":
+            attn_key = None if key is None or rate.attn == 0 else jax.random.fold_in(key, _ATTN)
+            heads = _heads(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
+            a_BxLxHxE = _unheads(_attention_vjp(*heads, mask, attn_key, rate.attn))
         elif impl == "splash":
             a_BxLxHxE = _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask)
         else:
@@ -419,14 +458,32 @@ def _block_fn(cfg: config.Model, impl: str, B: int, L: int) -> Callable:
         x_TxD = x_TxD + drop(a_TxD, rate.resid, _RESID_ATTN)
 
         h_TxD = _rms_norm(x_TxD, w["mlp_norm"], cfg.norm_eps)
-        # gate and up as one matmul over a (D, 2, F) weight.
-        gu_Tx2xF = jnp.tensordot(h_TxD, jnp.stack([w["gate"], w["up"]], axis=1), axes=1)
-        gate_TxF = lora("gate", h_TxD, gu_Tx2xF[:, 0])
-        up_TxF = lora("up", h_TxD, gu_Tx2xF[:, 1])
-        f_TxF = drop(jax.nn.silu(gate_TxF) * up_TxF, rate.mlp, _MLP)
+        f_TxF = drop(_swiglu(proj("gate", h_TxD), proj("up", h_TxD)), rate.mlp, _MLP)
         return shard_rows(x_TxD + drop(proj("down", f_TxF), rate.resid, _RESID_MLP))
 
     return block
+
+
+@jax.custom_vjp
+def _swiglu(gate_TxF: jax.Array, up_TxF: jax.Array) -> jax.Array:
+    """silu(gate) * up with a one-pass backward: autodiff of silu leaves XLA:CPU several
+    separate elementwise passes over the (T, F) activations."""
+    return gate_TxF * jax.nn.sigmoid(gate_TxF) * up_TxF
+
+
+def _swiglu_fwd(gate_TxF, up_TxF):
+    return _swiglu(gate_TxF, up_TxF), (gate_TxF, up_TxF)
+
+
+def _swiglu_bwd(res, dy_TxF):
+    gate_TxF, up_TxF = res
+    sig_TxF = jax.nn.sigmoid(gate_TxF)
+    silu_TxF = gate_TxF * sig_TxF
+    dgate_TxF = dy_TxF * up_TxF * (sig_TxF + silu_TxF * (1.0 - sig_TxF))
+    return dgate_TxF, dy_TxF * silu_TxF
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _rms_norm(x_TxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
@@ -455,8 +512,7 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """Inverted dropout; a no-op at rate 0 (rates are static config values)."""
     if rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return _kept(x, jax.random.bernoulli(key, 1.0 - rate, x.shape), rate)
 
 
 def merge_lora(params: dict, cfg: config.Model) -> tuple[dict, config.Model]:

@@ -28,7 +28,7 @@ def _model(**kw) -> mlc.ConfigDict:
             remat="none",  # none | full | dots
             scan_layers=True,  # lax.scan over the stacked layers; False: a Python loop
             scan_unroll=0,  # layers per scan iteration; 0 = auto (all on CPU, 1 elsewhere)
-            attention="auto",  # auto | einsum | xla | cudnn | splash (model.attention_impl)
+            attention="auto",  # auto | einsum | einsum_vjp | xla | cudnn | splash (attention_impl)
             loss_chunk=0,  # positions per cross-entropy chunk; 0 = all logits at once
             dropout=dict(embed=0.0, attn=0.0, resid=0.0, mlp=0.0),
         )

@@ -44,6 +44,15 @@ class StepFunctions:
         }
 
 
+# XLA:CPU options for the train step. YNNPACK's "dot" fusions (a matmul with the
+# elementwise ops around it in one kernel) run the step's matmuls slower than plain ones;
+# elementwise and reduction fusions stay (benchmarks/step.py: tiny model 0.69-0.71x ->
+# 0.72-0.79x of PyTorch eager, small 0.76x -> 0.83x, interleaved runs).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
 def compile_train(fns: StepFunctions, batch_shapes: dict) -> tuple[Callable, float]:
     """The AOT-compiled train step for `batch_shapes` and the seconds compiling took.
 
@@ -51,8 +60,10 @@ def compile_train(fns: StepFunctions, batch_shapes: dict) -> tuple[Callable, flo
     without it GSPMD may replicate every row of an fsdp run on every device)."""
     start = time.perf_counter()
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    options = CPU_COMPILER_OPTIONS if fns.mesh.devices.flat[0].platform == "cpu" else None
     with jax.set_mesh(fns.mesh):
-        exe = fns.train.lower(fns.state_shapes, batch_shapes, rng).compile()
+        lowered = fns.train.lower(fns.state_shapes, batch_shapes, rng)
+        exe = lowered.compile(compiler_options=options)
     return exe, time.perf_counter() - start
 
 

@@ -25,7 +25,7 @@ def test_device_suite_tiny_writes_json(tmp_path):
         report = json.load(f)
     assert report["backend"] == "cpu" and report["devices"] == 1
     combos = {(r["attention"], r["remat"]) for r in report["runs"]}
-    assert combos == {(a, r) for a in ("einsum", "xla") for r in ("none", "full")}
+    assert combos == {(a, r) for a in ("einsum", "einsum_vjp", "xla") for r in ("none", "full")}
     for run in report["runs"]:
         assert "error" not in run, run
         assert run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1.5

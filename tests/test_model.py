@@ -234,7 +234,7 @@ def _packed(length: int):
     return tokens, jnp.asarray(pos), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("impl, length", [("xla", L), ("splash", 128)])
+@pytest.mark.parametrize("impl, length", [("einsum_vjp", L), ("xla", L), ("splash", 128)])
 def test_attention_implementations_match_einsum(impl, length):
     """Logits and gradients with packed documents and padding equal the reference path."""
     args = _packed(length)
@@ -247,9 +247,36 @@ def test_attention_implementations_match_einsum(impl, length):
         np.testing.assert_allclose(b, a, atol=2e-6)
 
 
+def test_attention_vjp_with_dropout_matches_einsum():
+    """The hand-written backward applies the same dropout mask as autodiff of the
+    reference: equal logits and gradients under one key."""
+    args = _packed(L)
+    drop = dict(embed=0.0, attn=0.25, resid=0.0, mlp=0.0)
+    ref = build(small(attention="einsum", n_layers=1, dropout=drop))
+    other = build(small(attention="einsum_vjp", n_layers=1, dropout=drop))
+    key = rng(3)
+    out = forward(other, *args, key)
+    np.testing.assert_allclose(out, forward(ref, *args, key), atol=2e-5)
+    assert not np.allclose(out, forward(other, *args, None), atol=1e-3)  # dropout acted
+    g_ref = grad_of_mean_square(ref, *args, key)
+    g_other = grad_of_mean_square(other, *args, key)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_other), strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-6)
+
+
+def test_swiglu_backward_matches_autodiff():
+    gate, up = jax.random.normal(rng(0), (2, 64, 24)) * 3.0
+    dy = jax.random.normal(rng(1), (64, 24))
+    ref = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)
+    out = jax.vjp(model_lib._swiglu, gate, up)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(ref[1](dy), out[1](dy), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_choices_on_cpu():
     cfg = small(scan_layers=True)
-    assert model_lib.attention_impl(cfg, 256) == "einsum"
+    assert model_lib.attention_impl(cfg, 256) == "einsum_vjp"
     assert model_lib.layer_unroll(cfg) == cfg.n_layers  # auto: unrolled on CPU
     cfg = dataclasses.replace(cfg, scan_unroll=1)
     assert model_lib.layer_unroll(cfg) == 1  # an honest rolled loop when asked
@@ -273,7 +300,9 @@ def test_bad_performance_knobs_are_named(key, value, message):
 
 def test_attention_dropout_needs_einsum():
     cfg = raw(attention="xla", dropout=dict(embed=0.0, attn=0.1, resid=0.0, mlp=0.0))
-    with pytest.raises(config.ConfigError, match="config key model.attention='xla': auto | einsum"):
+    with pytest.raises(
+        config.ConfigError, match=r"config key model.attention='xla': auto \| einsum \| einsum_vjp"
+    ):
         config.parse_model(cfg)
     cfg.attention = "auto"
-    assert model_lib.attention_impl(config.parse_model(cfg), 256) == "einsum"
+    assert model_lib.attention_impl(config.parse_model(cfg), 256) == "einsum_vjp"

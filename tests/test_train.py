@@ -137,6 +137,17 @@ def test_stages_share_one_compiled_step():
     assert rt.compiles["train"] == 2
 
 
+def test_cpu_step_compiles_without_ynn_dot_fusions():
+    """`trainer.CPU_COMPILER_OPTIONS` reach the compiler: the step's matmuls are plain
+    dots in the entry computation, not kernels fused with their elementwise neighbours."""
+    c = base.get_config()
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    steps, _ = _start(c.model, c.pretrain, mesh, c.rules)
+    text = _compile(steps, jax.ShapeDtypeStruct((8, 64), jnp.int32))[0].as_text()
+    entry = text[text.index("ENTRY") :]
+    assert entry.count(" dot(") >= 7 * c.model.n_layers  # 7 projections a layer, forward alone
+
+
 @pytest.mark.slow
 def test_1b_compiles_ahead_of_time_on_eight_devices():
     c = base.get_config()
