@@ -234,14 +234,17 @@ def _sequential_blocks(src, first: int):
         yield docs
 
 
-def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: int) -> None:
-    """Commits shards of `path` until each split holds want[split] sequences."""
+def fill(
+    path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: int
+) -> dict[str, list[dict]]:
+    """Commits shards of `path` until each split holds want[split] sequences; returns the
+    committed entries per split."""
     root = epath.Path(path)
     entries = {sp: store.committed(path, sp) for sp in SPLITS}
     have = {sp: sum(e["sequences"] for e in entries[sp]) for sp in SPLITS}
     todo = {sp for sp in SPLITS if have[sp] < want[sp]}
     if not todo:
-        return
+        return entries
     store.verify(path, entries)  # the shards this prepare builds on
     nxt = {sp: len(entries[sp]) for sp in SPLITS}
     remote = "://" in path
@@ -309,11 +312,12 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
             pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
     progress.draw(sum(min(have[sp], want[sp]) for sp in SPLITS), end="\n")
+    entries = {sp: store.committed(path, sp) for sp in SPLITS}
     for sp in SPLITS:
-        store.write_index(path, sp, store.committed(path, sp))
+        store.write_index(path, sp, entries[sp])
     if todo:
         spec = cfg.domain(domain).source
-        if sum(e["documents"] for sp in SPLITS for e in store.committed(path, sp)) == 0:
+        if sum(e["documents"] for sp in SPLITS for e in entries[sp]) == 0:
             raise ValueError(f"data.{domain}.source={spec!r}: the source is empty (no documents)")
         raise ValueError(
             f"data.{domain}.source={spec!r}: holds {have['train']} train and {have['val']} "
@@ -321,6 +325,7 @@ def fill(path: str, src, cfg: Data, domain: str, want: dict[str, int], workers: 
             f"{want['train']} train and {want['val']} validation (data.val_tokens="
             f"{cfg.val_tokens}, data.val_fraction={cfg.val_fraction})"
         )
+    return entries
 
 
 def _manifest(src, tok, cfg: Data, domain: str, content: str) -> dict:
@@ -383,8 +388,10 @@ def prepare(
                 fileio.write_json(str(p / "manifest.json"), _manifest(src, tok, cfg, d, content))
             if "://" not in path:
                 _clean_stale(p)
-            fill(path, src, cfg, d, want, cfg.workers)
-        short = {sp: sum(e["sequences"] for e in store.committed(path, sp)) for sp in SPLITS}
+            entries = fill(path, src, cfg, d, want, cfg.workers)
+        else:
+            entries = {sp: store.committed(path, sp) for sp in SPLITS}
+        short = {sp: sum(e["sequences"] for e in entries[sp]) for sp in SPLITS}
         if any(short[sp] < want[sp] for sp in SPLITS):
             raise StoreError(
                 f"data.{d}: store {path} holds {short['train']} train and {short['val']} "
@@ -393,6 +400,6 @@ def prepare(
                 f"--workdir=<this workdir> --only=prepare"
             )
         if verify:
-            store.verify(path, {sp: store.committed(path, sp) for sp in SPLITS})
-        stores[d] = DomainStore(path, n_val)
+            store.verify(path, entries)
+        stores[d] = DomainStore(path, n_val, entries)
     return Corpus(tok, stores, cfg.seq_len, cfg.packing)

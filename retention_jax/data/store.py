@@ -179,7 +179,8 @@ class _RemoteArray:
 class DomainStore:
     """One domain's train and validation sequences, read across its shards."""
 
-    def __init__(self, path: str, val_sequences: int):
+    def __init__(self, path: str, val_sequences: int, entries: dict | None = None):
+        """`entries`: the committed entries per split when the caller has read them."""
         self.path = path
         root = epath.Path(path)
         text = fileio.read_text(str(root / "manifest.json"))
@@ -188,7 +189,7 @@ class DomainStore:
         self.static = json.loads(text)
         self.seq_len, self.packing = self.static["seq_len"], self.static["packing"]
         self.content = self.static["content"]
-        self.entries = {s: committed(path, s) for s in SPLITS}
+        self.entries = entries or {s: committed(path, s) for s in SPLITS}
         self._shards, self._starts = {}, {}
         for split, es in self.entries.items():
             shards = []
