@@ -12,6 +12,17 @@ it lies above it, so the 1e-5 and 2e-5 runs hold their peak after warmup), batch
 warmup 100, WD 0.1, early stopping every 100 steps with patience 3, at most 2B tokens,
 seed 40 (`posttrain.seed`). Stage 3: 200M tokens over paper_135m.STAGE3_LRS.
 2 + 10 + 60 = 72 nodes per pipeline.
+
+Memory: the loss runs in chunks of 256 positions. On a pod slice the batch of 512 ×
+1,024 spreads thin enough (256 chips: 2 rows a chip) to need no accumulation; on one node
+each stage splits it into microbatches (gradient accumulation inside one step). Compiled
+per-device memory (XLA's memory analysis, AOT on fake CPU devices; bf16, remat dots,
+rolled layer scan; `tests/test_train.py`):
+  8 × 48 GB GPUs (fsdp 8): 8 microbatches per stage (--config.pretrain.microbatches=8,
+    likewise posttrain and finetune): train step 1.44 GiB arguments + 20.1 GiB
+    temporaries, evaluation batch 0.48 + 4.0 GiB.
+  one 141 GB GPU (H200): --config.mesh.fsdp=1 and 16 microbatches per stage: train step
+    11.5 + 86.4 GiB, evaluation batch 3.8 + 30.4 GiB.
 """
 
 from configs import base, corpora, paper_135m
@@ -28,6 +39,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.model = presets.paper_1b()
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"
+    c.model.loss_chunk = 256
     c.mesh = dict(data=-1, fsdp=8, tensor=1)  # FSDP within an 8-chip group, data across
     c.pretrain.update(tokens=19_700 * M, batch=512, lr=5e-4, min_lr=5e-5, warmup_steps=1_000)
     c.posttrain.update(batch=512, warmup_steps=100, min_lr=5e-5, seed=POSTTRAIN_SEED)
