@@ -46,8 +46,7 @@ class StepFunctions:
 
 # XLA:CPU options for the train step. YNNPACK's "dot" fusions (a matmul with the
 # elementwise ops around it in one kernel) run the step's matmuls slower than plain ones;
-# elementwise and reduction fusions stay (benchmarks/step.py: tiny model 0.69-0.71x ->
-# 0.72-0.79x of PyTorch eager, small 0.76x -> 0.83x, interleaved runs).
+# elementwise and reduction fusions stay (measured in docs/performance.md).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
 }
