@@ -85,9 +85,9 @@ class JaxStep:
 
     def __init__(self, mcfg: config.Model, host: dict, microbatches: int = 1):
         c = base.get_config()
-        c.pretrain.microbatches = microbatches
-        opt = config.parse_optimizer(c.pretrain, "pretrain")
+        c.pretrain.update(batch=len(host["inputs"]), microbatches=microbatches)
         mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+        opt = config.parse_optimizer(c.pretrain, "pretrain", mesh.size)
         fns = trainer.step_functions(mcfg, opt, mesh, c.rules)
         params = trainer.init_params(fns, mcfg, c.rules, 0)
         self.state = trainer.fresh_state(fns, params, opt.schedule(1000, 1))

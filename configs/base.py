@@ -33,6 +33,7 @@ def _optimizer(**kw) -> dict:
         decay_exclude=("norm",),  # parameters whose path names one of these do not decay
         allow_unreached_peak=False,  # True accepts a warmup as long as the stage itself
         microbatches=1,  # gradient accumulation steps inside one step; batch stays global
+        microbatch_rows=0,  # > 0 instead: the fewest microbatches of at most this many rows/device
     )
     opt.update(kw)
     return opt

@@ -28,6 +28,12 @@ mixing arm: stage 1 is 8,699,999,232 C4 tokens (+ 299,999,232 D_post at λ = 1),
 8.2e18 FLOP; stage 2 at most 2B tokens, 1.8e18 FLOP per run; stage 3 199,999,488 tokens
 (1,018 steps), 1.8e17 FLOP per leaf; 1.04e20 FLOP planned in all (dropout arm 1.91e20).
 Produces results.jsonl and the frontier and method figures (Figs. 2, 4, 5, 6).
+
+Memory: the loss runs in chunks of 256 positions and every stage accumulates gradients
+over microbatches of at most 32 rows a device (`microbatch_rows`). On 8 × 48 GB GPUs
+(data 8) stage 1's 512 rows take 2 microbatches and stage 2's batches 192 / 480 / 896
+take 1 / 2 / 4; the largest, 896, compiles to 27.1 GiB a device (arguments and
+temporaries, AOT on fake CPU devices, `tests/test_train.py`), an evaluation batch to 1.1.
 """
 
 from configs import base, corpora
@@ -42,6 +48,7 @@ REPLAY = 0.01  # share of stage-2 sequences drawn from D_pre
 DROPOUTS = (0.02, 0.05)
 LORA_RANK = 64  # alpha 128 (alpha/rank 2); targets o, gate, up, down, head (no q, k, v)
 LORA_DROPOUTS = (0.0, 0.02, 0.05)
+MICROBATCH_ROWS = 32  # a device's rows per forward/backward: fits 48 GB (see above)
 
 
 def arm_sweep(arm: str) -> tuple:
@@ -61,6 +68,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.model = presets.smollm2_135m()
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"
+    c.model.loss_chunk = 256
     c.data.tokenizer = "hf:HuggingFaceTB/SmolLM2-135M"
     c.data.seq_len = 1024
     c.data.read_threads = 4  # prefetch batches while the accelerator steps
@@ -71,6 +79,8 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.posttrain.update(batch=192, max_tokens=2_000 * M, lr=1e-3, min_lr=5e-5, warmup_steps=500)
     c.posttrain.early_stop.update(every=100, patience=3)
     c.finetune.update(tokens=200 * M, batch=192, lr=5e-5, min_lr=0.0, warmup_steps=100)
+    for stage in (c.pretrain, c.posttrain, c.finetune):
+        stage.microbatch_rows = MICROBATCH_ROWS
     c.eval.batch = 64
     c.ckpt.every = 1_000
     c.log.every = 50

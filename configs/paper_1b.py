@@ -13,16 +13,16 @@ warmup 100, WD 0.1, early stopping every 100 steps with patience 3, at most 2B t
 seed 40 (`posttrain.seed`). Stage 3: 200M tokens over paper_135m.STAGE3_LRS.
 2 + 10 + 60 = 72 nodes per pipeline.
 
-Memory: the loss runs in chunks of 256 positions. On a pod slice the batch of 512 ×
-1,024 spreads thin enough (256 chips: 2 rows a chip) to need no accumulation; on one node
-each stage splits it into microbatches (gradient accumulation inside one step). Compiled
-per-device memory (XLA's memory analysis, AOT on fake CPU devices; bf16, remat dots,
-rolled layer scan; `tests/test_train.py`):
-  8 × 48 GB GPUs (fsdp 8): 8 microbatches per stage (--config.pretrain.microbatches=8,
-    likewise posttrain and finetune): train step 1.44 GiB arguments + 20.1 GiB
+Memory: the loss runs in chunks of 256 positions, and every stage accumulates gradients
+over microbatches of at most 8 rows a device (`microbatch_rows`): 8 microbatches on 8
+devices, none on a 256-chip slice (2 rows a chip), 64 on one device. Compiled per-device
+memory (XLA's memory analysis, AOT on fake CPU devices; bf16, remat dots, rolled layer
+scan; `tests/test_train.py`):
+  8 × 48 GB GPUs (fsdp 8, as set): train step 1.44 GiB arguments + 20.1 GiB
     temporaries, evaluation batch 0.48 + 4.0 GiB.
-  one 141 GB GPU (H200): --config.mesh.fsdp=1 and 16 microbatches per stage: train step
-    11.5 + 86.4 GiB, evaluation batch 3.8 + 30.4 GiB.
+  one 141 GB GPU (H200): --config.mesh.fsdp=1 and, for fewer and larger microbatches,
+    --config.{pretrain,posttrain,finetune}.microbatch_rows=32 (16 microbatches): train
+    step 11.5 + 86.4 GiB, evaluation batch 3.8 + 30.4 GiB.
 """
 
 from configs import base, corpora, paper_135m
@@ -31,6 +31,7 @@ from retention_jax import presets
 M = 1_000_000
 STAGE2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
 PRETRAIN_SEED, POSTTRAIN_SEED = 42, 40
+MICROBATCH_ROWS = 8  # a device's rows per forward/backward: fits 48 GB (see above)
 
 
 def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
@@ -44,6 +45,8 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.pretrain.update(tokens=19_700 * M, batch=512, lr=5e-4, min_lr=5e-5, warmup_steps=1_000)
     c.posttrain.update(batch=512, warmup_steps=100, min_lr=5e-5, seed=POSTTRAIN_SEED)
     c.finetune.update(batch=512)
+    for stage in (c.pretrain, c.posttrain, c.finetune):
+        stage.microbatch_rows = MICROBATCH_ROWS
     c.eval.batch = 512
     c.sweep.pretrain = (("seed", (PRETRAIN_SEED,)), ("pretrain.exposure.lam", (0.0, 1.0)))
     c.sweep.posttrain = (("posttrain.lr", STAGE2_LRS),)

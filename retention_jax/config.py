@@ -123,7 +123,7 @@ class Optimizer:
     eps: float
     clip_norm: float
     decay_exclude: tuple[str, ...]
-    microbatches: int  # gradient accumulation inside one step; the batch stays global
+    microbatches: int  # gradient accumulation inside one step (resolved from microbatch_rows)
     allow_unreached_peak: bool  # accept a warmup as long as the stage (the LR never peaks)
 
     def static(self) -> dict:
@@ -404,9 +404,11 @@ def parse_model(node: Any, mesh: Mapping[str, int] | None = None, path: str = "m
     return model
 
 
-def parse_optimizer(node: Any, path: str) -> Optimizer:
-    """The optimizer keys of one stage section (`pretrain`, ...), typed and validated."""
-    return _optimizer(_Section(node, path))
+def parse_optimizer(node: Any, path: str, rows: int = 1) -> Optimizer:
+    """The optimizer keys of one stage section (`pretrain`, ...), typed and validated;
+    the microbatches resolve against the section's own batch over `rows` (data×fsdp)."""
+    s = _Section(node, path)
+    return _optimizer(s, s.int("batch", 1) // rows)
 
 
 def _lora(lo: _Section) -> Lora:
@@ -424,7 +426,7 @@ def _lora(lo: _Section) -> Lora:
     return lora
 
 
-def _optimizer(s: _Section) -> Optimizer:
+def _optimizer(s: _Section, device_rows: int) -> Optimizer:
     lr = s.num("lr", 0, 1, open_low=True)
     return Optimizer(
         lr=lr,
@@ -438,7 +440,7 @@ def _optimizer(s: _Section) -> Optimizer:
         eps=s.num("eps", 0, 1, open_low=True),
         clip_norm=s.num("clip_norm", 0, math.inf, open_low=True),
         decay_exclude=s.strings("decay_exclude", "parameter-path substrings"),
-        microbatches=s.int("microbatches", 1),
+        microbatches=_microbatches(s, device_rows),
         allow_unreached_peak=s.bool("allow_unreached_peak"),
     )
 
@@ -452,15 +454,22 @@ def _batch(s: _Section, key: str, rows: int, processes: int) -> int:
     return v
 
 
-def _stage_optimizer(s: _Section, batch: int, rows: int) -> Optimizer:
-    opt = _optimizer(s)
-    if (batch // rows) % opt.microbatches:
-        fail(
-            s.key("microbatches"),
-            opt.microbatches,
-            f"a divisor of batch/(data×fsdp)={batch // rows}",
+def _microbatches(s: _Section, device_rows: int) -> int:
+    """Gradient-accumulation steps of a stage whose batch gives each device `device_rows`
+    rows: `microbatches` as set, or the fewest that keep a device's share of one
+    microbatch within `microbatch_rows` (so one setting fits a node and a pod alike)."""
+    n, cap = s.int("microbatches", 1), s.int("microbatch_rows", 0)
+    if cap:
+        if n != 1:
+            fail(
+                s.key("microbatch_rows"), cap, f"0 when microbatches={n} is set (one or the other)"
+            )
+        return next(
+            d for d in range(1, device_rows + 1) if not device_rows % d and device_rows // d <= cap
         )
-    return opt
+    if device_rows % n:
+        fail(s.key("microbatches"), n, f"a divisor of batch/(data×fsdp)={device_rows}")
+    return n
 
 
 def _domain(s: _Section) -> Domain:
@@ -579,7 +588,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     init = s1.str("init", empty=True)
     if init and not (init.startswith("hf:") and init[3:]):
         fail(s1.key("init"), init, "'' (a fresh initialisation) or 'hf:HUB_ID_OR_DIR'")
-    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _stage_optimizer(s1, b1, rows), init)
+    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _optimizer(s1, b1 // rows), init)
     s1.done()
     es = s2.section("early_stop")
     early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
@@ -597,11 +606,11 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         replay=s2.num("replay", 0, 1, open_high=True),
         compute_matched=s2.bool("compute_matched"),
         early_stop=early,
-        optimizer=_stage_optimizer(s2, b2, rows),
+        optimizer=_optimizer(s2, b2 // rows),
     )
     s2.done()
     b3 = _batch(s3, "batch", rows, num_processes)
-    finetune = Finetune(s3.int("tokens", 0), b3, _stage_optimizer(s3, b3, rows))
+    finetune = Finetune(s3.int("tokens", 0), b3, _optimizer(s3, b3 // rows))
     s3.done()
     ev, ck, lg = root.section("eval"), root.section("ckpt"), root.section("log")
     exp = Experiment(

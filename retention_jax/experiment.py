@@ -160,21 +160,24 @@ def select(nodes: list[Node], selector: str) -> list[Node]:
 
 
 def plan_table(nodes: list[Node]) -> str:
-    """The dry-run view: nodes, parents, steps and warmup, tokens per domain, FLOPs."""
+    """The dry-run view: nodes, parents, steps, warmup and microbatches a step, tokens per
+    domain, FLOPs."""
     lines = [
-        f"{'node':<22} {'parent':<22} {'steps':>7} {'warmup':>7} "
+        f"{'node':<22} {'parent':<22} {'steps':>7} {'warmup':>7} {'micro':>5} "
         + " ".join(f"{d + '_tokens':>12}" for d in data.DOMAINS)
         + f" {'PFLOP':>9}  swept"
     ]
     total = 0.0
     for n in nodes:
         p = data.plan(n.stage, n.exp)
-        sched = n.exp.stage(n.stage).optimizer.schedule(p.num_steps, p.batch * p.seq_len)
+        opt = n.exp.stage(n.stage).optimizer
+        sched = opt.schedule(p.num_steps, p.batch * p.seq_len)
         warmup = f"{sched['warmup_steps']}{'' if sched['warmup_steps'] < p.num_steps else '!'}"
         flops = model_lib.flops_per_token(n.exp.model, p.seq_len) * sum(p.tokens.values())
         total += flops
         lines.append(
             f"{n.id:<22} {(n.parent.id if n.parent else '-'):<22} {p.num_steps:>7} {warmup:>7} "
+            f"{opt.microbatches:>5} "
             + " ".join(f"{p.tokens.get(d, 0):>12,}" for d in data.DOMAINS)
             + f" {flops / 1e15:>9.4f}  {json.dumps(n.swept)}"
         )
@@ -185,6 +188,12 @@ def plan_table(nodes: list[Node]) -> str:
         f"{perf.PEAK_BF16[PLAN_DEVICE] / 1e12:,.0f} TFLOP/s bf16 peak (training only)"
     )
     lines.append("warmup marked '!': it spans the whole stage, so the peak LR is never reached")
+    if nodes:
+        mesh = nodes[0].exp.mesh
+        lines.append(
+            f"micro: gradient-accumulation steps with the batch split over data×fsdp = "
+            f"{mesh['data']}×{mesh['fsdp']} devices (this mesh; microbatch_rows resolve per mesh)"
+        )
     return "\n".join(lines)
 
 
