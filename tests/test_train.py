@@ -266,14 +266,16 @@ GPU_48GB, GPU_141GB = 44.7, 131.3  # GiB
 
 
 @pytest.mark.parametrize(
-    "name, fsdp, stage, batch, microbatch_rows, microbatches, budget_gib",
+    "name, devices, fsdp, stage, batch, microbatch_rows, microbatches, budget_gib",
     [
-        ("paper_1b", 8, "pretrain", 512, None, 8, GPU_48GB),
-        ("paper_1b", 1, "pretrain", 512, 32, 16, GPU_141GB),
-        ("paper_135m", 1, "posttrain", 896, None, 4, GPU_48GB),  # the largest swept batch
+        ("paper_1b", 8, 8, "pretrain", 512, None, 8, GPU_48GB),
+        ("paper_1b", 1, 1, "pretrain", 512, 32, 16, GPU_141GB),
+        ("paper_135m", 8, 1, "posttrain", 896, None, 4, GPU_48GB),  # the largest swept batch
     ],
 )
-def test_paper_memory_fits(name, fsdp, stage, batch, microbatch_rows, microbatches, budget_gib):
+def test_paper_memory_fits(
+    name, devices, fsdp, stage, batch, microbatch_rows, microbatches, budget_gib
+):
     """The paper configs (bf16, remat dots, loss chunks, 1,024 tokens a row) as they stand
     on 8 devices (their microbatch_rows set the microbatches) fit under 48 GB a device,
     and 1B on one device with its docstring's microbatch_rows=32 under 141 GB; their
@@ -284,7 +286,6 @@ def test_paper_memory_fits(name, fsdp, stage, batch, microbatch_rows, microbatch
     if microbatch_rows:
         c[stage].microbatch_rows = microbatch_rows
     m = config.parse_model(c.model)
-    devices = 8 if fsdp == 8 or name == "paper_135m" else 1
     mesh = sharding.make_mesh(
         dict(data=devices // fsdp, fsdp=fsdp, tensor=1), jax.devices()[:devices]
     )
