@@ -89,7 +89,7 @@ class JaxStep:
         mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
         opt = config.parse_optimizer(c.pretrain, "pretrain", mesh.size)
         fns = trainer.step_functions(mcfg, opt, mesh, c.rules)
-        params = trainer.init_params(fns, mcfg, c.rules, 0)
+        params = trainer.init_params(fns, 0)
         self.state = trainer.fresh_state(fns, params, opt.schedule(1000, 1))
         self.batch = {k: jax.device_put(v, fns.batch_sharding) for k, v in host.items()}
         shapes = {

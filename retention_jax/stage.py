@@ -62,7 +62,7 @@ def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, na
         spec = exp.pretrain.init.removeprefix("hf:")
         params = hf.init_params(spec, exp.model_for(name), fns.mesh, exp.rules, seed=exp.seed)
     else:
-        params = trainer.init_params(fns, exp.model_for(name), exp.rules, exp.seed)
+        params = trainer.init_params(fns, exp.seed)
     schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)
     return trainer.fresh_state(fns, params, schedule), cb.Record.fresh()
 
@@ -90,7 +90,7 @@ def _branch_params(start: Start, fns: trainer.StepFunctions, exp, name: str):
             f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
         ) from e
     if model.lora.rank > 0:
-        fresh = trainer.init_params(fns, model, exp.rules, exp.stage_seed(name))
+        fresh = trainer.init_params(fns, exp.stage_seed(name))
         return nnx.merge_state(restored, nnx.split_state(fresh, model_lib.LoRAParam, ...)[0])
     merged, _ = model_lib.merge_lora(nnx.to_pure_dict(restored), parent_model)
     shapes = fns.state_shapes.params

@@ -45,7 +45,7 @@ def test_only_adapters_get_gradients_and_optimizer_state():
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     opt = config.parse_optimizer(c.pretrain, "posttrain")
     fns = trainer.step_functions(m, opt, mesh, c.rules)
-    params = trainer.init_params(fns, m, c.rules, 0)
+    params = trainer.init_params(fns, 0)
     state = trainer.fresh_state(fns, params, opt.schedule(10, 1))
     assert sum(x.size for x in jax.tree.leaves(state.opt[1].mu)) == _adapter_count(m) == 31_232
     before = jax.device_get(nnx.to_pure_dict(state.params))
