@@ -19,7 +19,7 @@ CORE = [
     "huggingface_hub",
     "pyarrow",
     "pyyaml",
-    "tensorboardX>=2.6",  # TensorBoard event protos without TensorFlow
+    "google-crc32c",  # the checksum of TensorBoard event records (retention_jax.tensorboard)
 ]
 
 EXTRAS = {

@@ -1,4 +1,11 @@
-"""TensorBoard scalars without TensorFlow: event files written with tensorboardX's protos.
+"""TensorBoard scalars without TensorFlow: event files written by this module alone.
+
+An event file is a sequence of TFRecords, each holding one serialized `Event` protocol
+buffer. Only three messages are ever written (an `Event` with `wall_time`, `step` and
+either `file_version` or a `Summary` of `Value`s with `tag` and `simple_value`), so they
+are encoded and decoded here in the protobuf wire format; nothing imports a proto
+library or a writer package (tensorboardX imports PyTorch whenever it is installed,
+seconds of every process start). TensorBoard's own loader reads the files (tests).
 
 Writes are synchronous (no background thread) and go through `etils.epath`, so a run
 directory on gs:// works like a local one: local files are appended at each flush,
@@ -16,18 +23,128 @@ again, taking each step from the last file that holds it. Scalars for steps <= s
 dropped: they are already in the log.
 """
 
+import dataclasses
 import socket
 import struct
 import time
 from collections.abc import Iterator, Mapping
 
+import google_crc32c
 from etils import epath
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.record_writer import masked_crc32c
 
 FILE_PREFIX = "events.out.tfevents."
 _FILE_VERSION = "brain.Event:2"
+# Field numbers of tensorflow/core/util/event.proto and framework/summary.proto.
+_EVENT_WALL_TIME, _EVENT_STEP, _EVENT_FILE_VERSION, _EVENT_SUMMARY = 1, 2, 3, 5
+_SUMMARY_VALUE = 1
+_VALUE_TAG, _VALUE_SIMPLE = 1, 2
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # wire types
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What an event of this module's files holds: a step's scalars, or the file header."""
+
+    wall_time: float
+    step: int = 0
+    scalars: tuple[tuple[str, float], ...] | None = None  # None: not a summary event
+    file_version: str = ""
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 as protobuf encodes it: two's complement, 10 bytes if < 0
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _bytes_field(field: int, data: bytes) -> bytes:
+    return _key(field, _LEN) + _varint(len(data)) + data
+
+
+def encode(event: Event) -> bytes:
+    """The `Event` protocol buffer of `event`, serialized."""
+    out = _key(_EVENT_WALL_TIME, _I64) + struct.pack("<d", event.wall_time)
+    if event.step:
+        out += _key(_EVENT_STEP, _VARINT) + _varint(event.step)
+    if event.file_version:
+        out += _bytes_field(_EVENT_FILE_VERSION, event.file_version.encode())
+    if event.scalars is not None:
+        values = b"".join(
+            _bytes_field(
+                _SUMMARY_VALUE,
+                _bytes_field(_VALUE_TAG, tag.encode())
+                + _key(_VALUE_SIMPLE, _I32)
+                + struct.pack("<f", value),
+            )
+            for tag, value in event.scalars
+        )
+        out += _bytes_field(_EVENT_SUMMARY, values)
+    return out
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int | float | bytes]]:
+    """(field number, value) of a serialized message: ints, floats or bytes by wire type."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, pos = _read_varint(data, pos)
+        elif wire == _I64:
+            (value,), pos = struct.unpack_from("<d", data, pos), pos + 8
+        elif wire == _I32:
+            (value,), pos = struct.unpack_from("<f", data, pos), pos + 4
+        elif wire == _LEN:
+            n, pos = _read_varint(data, pos)
+            value, pos = data[pos : pos + n], pos + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
+def decode(data: bytes) -> Event:
+    """An event as this module writes it; fields of other events are skipped."""
+    wall_time, step, version, scalars = 0.0, 0, "", None
+    for field, value in _fields(data):
+        if field == _EVENT_WALL_TIME:
+            wall_time = value
+        elif field == _EVENT_STEP:
+            step = value - (1 << 64) if value >> 63 else value
+        elif field == _EVENT_FILE_VERSION:
+            version = value.decode()
+        elif field == _EVENT_SUMMARY:
+            scalars = scalars or ()
+            for f, v in _fields(value):
+                if f == _SUMMARY_VALUE:
+                    parts = dict(_fields(v))
+                    if _VALUE_SIMPLE in parts:
+                        scalars += ((parts[_VALUE_TAG].decode(), parts[_VALUE_SIMPLE]),)
+    return Event(wall_time, step, scalars, version)
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant."""
+    crc = google_crc32c.value(data)
+    return ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _record(data: bytes) -> bytes:
@@ -69,9 +186,9 @@ def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for path in event_files(log_dir):
         for data in read_records(path):
-            e = Event.FromString(data)
-            for v in e.summary.value:
-                out.setdefault(v.tag, []).append((e.step, v.simple_value))
+            e = decode(data)
+            for tag, value in e.scalars or ():
+                out.setdefault(tag, []).append((e.step, value))
     return out
 
 
@@ -80,8 +197,8 @@ def _history(paths: list[str], last_step: int) -> list[bytes]:
     by_step: dict[int, tuple[int, list[bytes]]] = {}
     for i, path in enumerate(paths):
         for data in read_records(path):
-            e = Event.FromString(data)
-            if not e.HasField("summary") or e.step > last_step:
+            e = decode(data)
+            if e.scalars is None or e.step > last_step:
                 continue
             if e.step not in by_step or by_step[e.step][0] < i:
                 by_step[e.step] = (i, [])
@@ -109,7 +226,7 @@ class SummaryWriter:
         self._remote = "://" in str(log_dir)
         self._written = bytearray()  # this file so far (remote files are rewritten whole)
         self._pending = bytearray()
-        self._put(Event(wall_time=time.time(), file_version=_FILE_VERSION))
+        self._put(Event(time.time(), file_version=_FILE_VERSION))
         for data in _history(old, self.start_step):
             self._pending += _record(data)
         self.flush()
@@ -117,14 +234,14 @@ class SummaryWriter:
             epath.Path(path).unlink()
 
     def _put(self, event: Event) -> None:
-        self._pending += _record(event.SerializeToString())
+        self._pending += _record(encode(event))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Queues one event holding every scalar of `step`; steps <= start_step are dropped."""
         if step <= self.start_step:
             return
-        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self._put(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+        values = tuple((k, float(v)) for k, v in scalars.items())
+        self._put(Event(time.time(), int(step), values))
 
     def flush(self) -> None:
         """Makes every queued event durable in the event file."""

@@ -96,6 +96,32 @@ def test_truncated_record_ends_the_file(tmp_path):
     assert loaded(str(tmp_path)) == {"loss": [(1, 1.0)]}
 
 
-def test_imports_no_tensorflow():
-    code = "import sys, retention_jax.tensorboard; assert 'tensorflow' not in sys.modules"
+def test_events_match_tensorboards_protos():
+    """Encoded events parse as TensorBoard's `Event` protos, and its serialized protos
+    (with fields this module never writes) decode to the same values."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    ours = tensorboard.Event(1.5e9, 2**40, (("loss", 0.25), ("val/post", -3.0)))
+    e = event_pb2.Event.FromString(tensorboard.encode(ours))
+    assert (e.wall_time, e.step) == (1.5e9, 2**40)
+    assert [(v.tag, v.simple_value) for v in e.summary.value] == list(ours.scalars)
+    header = event_pb2.Event.FromString(tensorboard.encode(tensorboard.Event(7.0, 0, None, "v")))
+    assert (header.file_version, header.HasField("summary")) == ("v", False)
+
+    theirs = event_pb2.Event(wall_time=2.0, step=9, summary=summary_pb2.Summary())
+    theirs.summary.value.add(tag="a", simple_value=0.5)
+    theirs.summary.value.add(tag="img").image.height = 3  # not a scalar: skipped
+    theirs.summary.value.add(tag="b", simple_value=1.0)
+    assert tensorboard.decode(theirs.SerializeToString()) == tensorboard.Event(
+        2.0, 9, (("a", 0.5), ("b", 1.0))
+    )
+    assert tensorboard.decode(event_pb2.Event(step=-1).SerializeToString()).step == -1
+    assert tensorboard.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C: 0xE3069283
+
+
+def test_imports_neither_tensorflow_nor_torch():
+    code = (
+        "import sys, retention_jax.tensorboard; "
+        "assert not {'tensorflow', 'torch', 'tensorboardX'} & set(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
