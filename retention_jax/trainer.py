@@ -53,6 +53,12 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
+# XLA:CPU options for the parameter init: LLVM at optimisation level 1 compiles its random
+# draws in a third of the time of the default level 2 (tiny model 1.1 vs 3.8 s, 135M 1.3
+# vs 3.6 s), and they run as fast and draw bit-identical values.
+CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def compile_train(fns: StepFunctions, batch_shapes: dict) -> tuple[Callable, float]:
     """The AOT-compiled train step for `batch_shapes` and the seconds compiling took.
 
@@ -60,11 +66,15 @@ def compile_train(fns: StepFunctions, batch_shapes: dict) -> tuple[Callable, flo
     without it GSPMD may replicate every row of an fsdp run on every device)."""
     start = time.perf_counter()
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    options = CPU_COMPILER_OPTIONS if fns.mesh.devices.flat[0].platform == "cpu" else None
+    options = CPU_COMPILER_OPTIONS if _on_cpu(fns.mesh) else None
     with jax.set_mesh(fns.mesh):
         lowered = fns.train.lower(fns.state_shapes, batch_shapes, rng)
         exe = lowered.compile(compiler_options=options)
     return exe, time.perf_counter() - start
+
+
+def _on_cpu(mesh: jax.sharding.Mesh) -> bool:
+    return mesh.devices.flat[0].platform == "cpu"
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -131,7 +141,11 @@ def step_functions(
         train_fn,
         eval_fn,
         jax.jit(init_opt, out_shardings=opt_sh),
-        jax.jit(init_params, out_shardings=param_sh),
+        jax.jit(
+            init_params,
+            out_shardings=param_sh,
+            compiler_options=CPU_INIT_COMPILER_OPTIONS if _on_cpu(mesh) else None,
+        ),
     )
 
 

@@ -45,8 +45,26 @@ def _start(model, opt, mesh, rules, total_steps=100):
     """Step functions and a fresh state from seed 0 for config sections `model`, `opt`."""
     m, o = config.parse_model(model), config.parse_optimizer(opt, "pretrain")
     steps = trainer.step_functions(m, o, mesh, rules)
-    params = nnx.state(model_lib.create(m, mesh, rules, 0))
+    params = trainer.init_params(steps, 0)
     return steps, trainer.fresh_state(steps, params, o.schedule(total_steps, 1))
+
+
+def test_init_params_compile_once_and_equal_the_eager_seeded_model():
+    """The jitted init with its seed as an argument (and XLA:CPU level 1) draws the same
+    parameters, in the same shardings, as a model built with the seed as a constant."""
+    c = base.get_config()
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    m, o = config.parse_model(c.model), config.parse_optimizer(c.pretrain, "pretrain")
+    steps = trainer.step_functions(m, o, mesh, c.rules)
+    for seed in (3, 4):
+        ours = trainer.init_params(steps, seed)
+        ref = nnx.state(model_lib.create(m, mesh, c.rules, seed))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(ours), nnx.to_flat_state(ref)):
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), path
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    assert steps.init_params._cache_size() == 1
+    first = lambda seed: np.asarray(trainer.init_params(steps, seed)["embed"][...])
+    assert not np.array_equal(first(3), first(4))
 
 
 def _compile(steps, shape):
