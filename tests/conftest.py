@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, strict rank promotion, no writes into $HOME."""
+"""Test setup: 8 fake CPU devices, strict rank promotion, no writes into $HOME, and one
+persistent compilation cache for the session."""
 
 import os
 import tempfile
@@ -10,6 +11,11 @@ _HOME = tempfile.mkdtemp(prefix="retention_jax_home_")
 for _var in ("MPLCONFIGDIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
     os.environ.setdefault(_var, os.path.join(_HOME, _var.lower()))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The suite compiles the same tiny-model programs in dozens of processes (every real
+# `main.py` run compiles its train step, init and evaluation: about 5 s on 2 cores); a
+# cache in this session's home serves the repeats, subprocesses included.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_HOME, "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

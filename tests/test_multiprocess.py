@@ -56,6 +56,13 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+def _inherited(var: str) -> bool:
+    """Whether a child keeps an environment variable: not JAX, XLA or TPU settings (each
+    child gets its own), but the session's compilation cache."""
+    cache = var.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
+    return cache or not var.startswith(("JAX_", "XLA_", "TPU_"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +70,7 @@ def _free_port() -> int:
 
 
 def _start(workdir: str, process_id: int, num_processes: int, devices: int, port: int):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    env = {k: v for k, v in os.environ.items() if _inherited(k)}
     env.update(
         PYTHONPATH=_ROOT,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -211,7 +218,7 @@ def test_a_job_takes_a_run_lock_on_process_0_and_fails_together(tmp_path):
     with lock.RunLock(taken):
         procs = []
         for i in range(2):
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+            env = {k: v for k, v in os.environ.items() if _inherited(k)}
             env.update(
                 PYTHONPATH=_ROOT,
                 XLA_FLAGS="--xla_force_host_platform_device_count=1",
