@@ -35,7 +35,7 @@ class StepFunctions:
     train: Callable
     evaluate: Callable
     init_opt: Callable  # params -> fresh optimizer state, in its shardings
-    init_params: Callable  # int32 seed -> fresh parameters, in their shardings
+    init_params: Callable  # PRNG key -> fresh parameters, in their shardings
 
     def batch_shapes(self, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch, seq_len)
@@ -98,9 +98,8 @@ def step_functions(
     def init_opt(params):  # optimizer state for the trained parameters only
         return tx.init(train.trainable(params, lora_only)[0])
 
-    def init_params(seed):  # a traced seed: one compile serves every seed
+    def init_params(key):  # a traced key: one compile serves every seed
         with nnx.logical_axis_rules(rules):
-            key = jax.random.key(seed)
             return nnx.state(model_lib.Transformer(model, rngs=nnx.Rngs(params=key)))
 
     abs_opt = jax.eval_shape(init_opt, abs_params)
@@ -159,11 +158,11 @@ def fresh_state(fns: StepFunctions, params: nnx.State, schedule: dict) -> train.
 def init_params(fns: StepFunctions, seed: int) -> nnx.State:
     """Freshly initialised parameters, each created directly in its sharding.
 
-    The seed is an argument of the jitted init, not a constant in it: XLA:CPU takes about
-    half a second to compile each parameter's random draw, and every seed of a graph
+    The seed's key is an argument of the jitted init, not a constant in it: XLA:CPU takes
+    about half a second to compile each parameter's random draw, and every seed of a graph
     shares the one compile."""
     with jax.set_mesh(fns.mesh):
-        return fns.init_params(jnp.int32(seed))
+        return fns.init_params(jax.random.key(seed))
 
 
 class Trainer:
