@@ -303,6 +303,13 @@ class _Section:
             fail(self.key(key), v, f"an integer >= {low}")
         return int(v)
 
+    def seed(self, key: str) -> int:
+        """A seed: JAX keys (32-bit without x64) take it modulo 2**32, so larger ones alias."""
+        v = self.raw(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32:
+            fail(self.key(key), v, "an integer in [0, 2**32)")
+        return int(v)
+
     def num(self, key: str, low: float, high: float, *, open_low=False, open_high=False) -> float:
         v = self.raw(key)
         ok = isinstance(v, int | float) and not isinstance(v, bool)
@@ -503,7 +510,7 @@ def _data(s: _Section) -> Data:
         **{name: _domain(s.section(name)) for name in DOMAINS},
         post_pool_tokens=s.int("post_pool_tokens", seq_len),
         ft_pool_tokens=s.int("ft_pool_tokens", seq_len),
-        seed=s.int("seed", 0),
+        seed=s.seed("seed"),
         workers=s.int("workers", 0),
         read_threads=s.int("read_threads", 0),
     )
@@ -570,7 +577,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     mesh = mesh_shape(cfg.mesh, num_devices)
     rows = mesh["data"] * mesh["fsdp"]
     rules = _rules(root.raw("rules"))
-    seed = root.int("seed", 0)
+    seed = root.seed("seed")
     model = parse_model(root.raw("model"), mesh)
     data = _data(root.section("data"))
     s1, s2, s3 = (root.section(name) for name in STAGES)
@@ -595,7 +602,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     es.done()
     post_seed = s2.raw("seed")
     if post_seed != -1:
-        post_seed = s2.int("seed", 0)
+        post_seed = s2.seed("seed")
     lora = _lora(s2.section("lora"))
     posttrain = Posttrain(
         lora=lora,

@@ -61,7 +61,10 @@ def test_shipped_configs_validate_and_expand(module, arg, devices, nodes):
         ("posttrain.dropout", 1.2, "posttrain.dropout=1.2"),
         ("posttrain.early_stop.patience", -1, "posttrain.early_stop.patience=-1"),
         ("eval.batch", 12, "eval.batch=12"),
-        ("seed", -3, "config key seed=-3: an integer >= 0"),
+        ("seed", -3, "config key seed=-3: an integer in [0, 2**32)"),
+        ("seed", 2**32, "config key seed=4294967296: an integer in [0, 2**32)"),  # aliases 0
+        ("posttrain.seed", 2**40, "config key posttrain.seed=1099511627776: an integer in"),
+        ("data.seed", -2, "config key data.seed=-2: an integer in [0, 2**32)"),
         ("mesh.tensor", 3, "mesh"),
     ],
 )
