@@ -9,6 +9,7 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
   pretrain    stage 1: D_pre budget, optimizer, early exposure of the D_post pool
   posttrain   stage 2: optimizer, dropout, replay, early stopping or compute-matched
   finetune    stage 3: D_ft budget and optimizer
+  replicates  copies of the whole graph, each paired comparison made within one copy
   sweep       per stage, (dotted config path, values) pairs; the graph is their product
   eval, ckpt, log   evaluation size and period, checkpoint period, logging period
 """
@@ -48,6 +49,12 @@ def _domain(source: str, name: str) -> dict:
 def get_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
+    # Replicate r of the graph runs seed + r: its initialisation, data order, exposed
+    # subset and dropout streams. With replicate_pools it also runs data.seed + r: another
+    # sample of every corpus, so other D_post and D_ft pools (a prepare per replicate).
+    # Within a replicate every λ shares the pools, so mixed-vs-unmixed stays paired.
+    c.replicates = 1
+    c.replicate_pools = True
     c.model = presets.tiny()
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Parameters' logical axes -> mesh axes. Batch rows always split over data×fsdp.
@@ -108,7 +115,7 @@ def get_config() -> mlc.ConfigDict:
     )
     # Per stage: (dotted path from the root, values) pairs; the graph is their product.
     c.sweep = dict(
-        pretrain=(("seed", (0,)), ("pretrain.exposure.lam", (0.0, 1.0))),
+        pretrain=(("pretrain.exposure.lam", (0.0, 1.0)),),
         posttrain=(("posttrain.lr", (1e-3,)),),
         finetune=(("finetune.lr", (1e-4, 1e-3)),),
     )

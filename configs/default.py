@@ -44,7 +44,7 @@ def get_config(arg: str = "") -> "base.mlc.ConfigDict":
     c.posttrain.early_stop.update(every=8, patience=3)
     c.finetune.tokens = 8_192
     c.finetune.warmup_steps = 1
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", LAMS))
+    c.sweep.pretrain = (("pretrain.exposure.lam", LAMS),)
     c.sweep.posttrain = (_arms((3e-3, 5e-3), 3e-3, c.posttrain.early_stop.every),)
     c.sweep.finetune = (("finetune.lr", (1e-4, 1e-3, 3e-3, 1e-2)),)
     if arg == "smoke":

@@ -26,7 +26,6 @@ def get_config(arg: str = "") -> "default.base.mlc.ConfigDict":
     c = default.get_config(arg)
     pools = (1_024, 2_048) if smoke else POOLS
     c.sweep.pretrain = (
-        ("seed", (0,)),
         ("data.post_pool_tokens", pools),
         ("pretrain.exposure.lam", (0.0, 1.0)),
     )

@@ -35,7 +35,6 @@ def get_config(arg: str = "added") -> mlc.ConfigDict:
     if c.posttrain.compute_matched:
         c.posttrain.warmup_fraction = c.posttrain.warmup_steps / _full_pass_steps(c, pools[-1])
     c.sweep.pretrain = (
-        ("seed", (0,)),
         ("data.post_pool_tokens", pools),
         ("pretrain.exposure.lam", LAMS),
     )

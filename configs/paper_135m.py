@@ -84,7 +84,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c.eval.batch = 64
     c.ckpt.every = 1_000
     c.log.every = 50
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 1.0)))
+    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0, 1.0)),)
     grid = (
         ("posttrain.lr", (1e-4, 2e-4, 5e-4, 1e-3, 5e-3)),
         ("posttrain.batch", (192, 480, 896)),

@@ -48,7 +48,8 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     for stage in (c.pretrain, c.posttrain, c.finetune):
         stage.microbatch_rows = MICROBATCH_ROWS
     c.eval.batch = 512
-    c.sweep.pretrain = (("seed", (PRETRAIN_SEED,)), ("pretrain.exposure.lam", (0.0, 1.0)))
+    c.seed = PRETRAIN_SEED
+    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0, 1.0)),)
     c.sweep.posttrain = (("posttrain.lr", STAGE2_LRS),)
     if smoke:
         paper_135m.shrink(c)

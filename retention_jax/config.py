@@ -53,8 +53,10 @@ class StageKind:
 
 
 STAGES = ("pretrain", "posttrain", "finetune")
+# Set per replicate by `replicate` (never swept), so every comparison pairs within one.
+SEED_PATHS = ("seed", "data.seed", "posttrain.seed")
 STAGE_KINDS = {
-    "pretrain": StageKind("pretrain", ("seed", "model.", "data.", "pretrain."), False, False),
+    "pretrain": StageKind("pretrain", ("model.", "data.", "pretrain."), False, False),
     "posttrain": StageKind("posttrain", ("posttrain.",), True, True),
     "finetune": StageKind("finetune", ("finetune.",), False, False),
 }
@@ -636,7 +638,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     )
     for s in (ev, ck, lg):
         s.done()
-    root.done(extra=("sweep",))
+    root.done(extra=("sweep", "replicates", "replicate_pools"))
     _check_budgets(exp)
     return exp
 
@@ -693,6 +695,27 @@ def assign(cfg: mlc.ConfigDict, path: str, value: Any) -> None:
     node[last] = value
 
 
+def replicates(cfg: mlc.ConfigDict) -> tuple[int, bool]:
+    """(replicates, replicate_pools), validated."""
+    root = _Section(cfg, "")
+    return root.int("replicates", 1), root.bool("replicate_pools")
+
+
+def replicate(cfg: mlc.ConfigDict, r: int) -> mlc.ConfigDict:
+    """The config of replicate `r`: seed + r (initialisation, data order, exposed subset,
+    dropout), posttrain.seed + r when set, and data.seed + r (another sample of every
+    corpus, so other pools) when replicate_pools. Replicate 0 is the config itself."""
+    c = mlc.ConfigDict(cfg.to_dict())
+    if r == 0:
+        return c
+    c.seed += r
+    if c.posttrain.seed != -1:
+        c.posttrain.seed += r
+    if c.replicate_pools:
+        c.data.seed += r
+    return c
+
+
 def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
     node = cfg
     for key in path.split("."):
@@ -725,6 +748,13 @@ def check_sweep(cfg: mlc.ConfigDict) -> None:
             for p in path if linked else (path,):
                 if not isinstance(p, str) or not _has_path(cfg, p):
                     fail(f"sweep.{name}", p, "dotted paths of existing config keys")
+                if p in SEED_PATHS:
+                    fail(
+                        f"sweep.{name}",
+                        p,
+                        "no seed: replicates=N runs the graph N times, replicate r at "
+                        "seed + r (and data.seed + r with replicate_pools)",
+                    )
                 if not p.startswith(STAGE_KINDS[name].sweepable):
                     fail(f"sweep.{name}", p, f"paths under {STAGE_KINDS[name].sweepable}")
             key = f"sweep.{name}.{path if not linked else ','.join(path)}"

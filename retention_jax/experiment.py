@@ -80,6 +80,7 @@ class Node:
     exp: config.Experiment  # the same, typed and validated
     parent: "Node | None"
     swept: dict
+    replicate: int = 0  # which copy of the graph (config.replicate); its children share it
 
     @property
     def identity(self) -> dict:
@@ -126,28 +127,33 @@ def devices_for(cfg: mlc.ConfigDict, devices: int | None = None) -> int:
 
 
 def expand(cfg: mlc.ConfigDict, num_devices: int | None = None) -> list[Node]:
-    """Every node of the graph, parents before children, each validated and typed."""
+    """Every node of the graph, each validated and typed, stage by stage (parents before
+    children); within a stage, replicate 0's nodes, then replicate 1's, ..."""
     config.check_sweep(cfg)
+    count, _ = config.replicates(cfg)
     n = num_devices or devices_for(cfg)
-    nodes, frontier = [], [None]
-    for name in config.STAGES:
-        layer = []
-        for parent in frontier:
-            for values in _product(cfg.sweep[name]):
-                c = mlc.ConfigDict((parent.cfg if parent else cfg).to_dict())
-                for path, value in values.items():
-                    config.assign(c, path, value)
-                exp = config.parse(c, n, jax.process_count())
-                p = data.plan(name, exp)
-                config.check_schedule(
-                    name, exp.stage(name).optimizer, p.num_steps, p.batch * p.seq_len
-                )
-                probe = Node("", name, c, exp, parent, values)
-                node_id = f"{name}-{fileio.digest(probe.identity)}"
-                layer.append(Node(node_id, name, c, exp, parent, values))
-        nodes += layer
-        frontier = layer
-    return nodes
+    nodes = []
+    for r in range(count):
+        frontier = [None]
+        root = config.replicate(cfg, r)
+        for name in config.STAGES:
+            layer = []
+            for parent in frontier:
+                for values in _product(cfg.sweep[name]):
+                    c = mlc.ConfigDict((parent.cfg if parent else root).to_dict())
+                    for path, value in values.items():
+                        config.assign(c, path, value)
+                    exp = config.parse(c, n, jax.process_count())
+                    p = data.plan(name, exp)
+                    config.check_schedule(
+                        name, exp.stage(name).optimizer, p.num_steps, p.batch * p.seq_len
+                    )
+                    probe = Node("", name, c, exp, parent, values, r)
+                    node_id = f"{name}-{fileio.digest(probe.identity)}"
+                    layer.append(Node(node_id, name, c, exp, parent, values, r))
+            nodes += layer
+            frontier = layer
+    return sorted(nodes, key=lambda node: config.STAGES.index(node.stage))  # stable
 
 
 def select(nodes: list[Node], selector: str) -> list[Node]:
@@ -163,7 +169,7 @@ def plan_table(nodes: list[Node]) -> str:
     """The dry-run view: nodes, parents, steps, warmup and microbatches a step, tokens per
     domain, FLOPs."""
     lines = [
-        f"{'node':<22} {'parent':<22} {'steps':>7} {'warmup':>7} {'micro':>5} "
+        f"{'node':<22} {'parent':<22} {'rep':>3} {'steps':>7} {'warmup':>7} {'micro':>5} "
         + " ".join(f"{d + '_tokens':>12}" for d in data.DOMAINS)
         + f" {'PFLOP':>9}  swept"
     ]
@@ -176,7 +182,8 @@ def plan_table(nodes: list[Node]) -> str:
         flops = model_lib.flops_per_token(n.exp.model, p.seq_len) * sum(p.tokens.values())
         total += flops
         lines.append(
-            f"{n.id:<22} {(n.parent.id if n.parent else '-'):<22} {p.num_steps:>7} {warmup:>7} "
+            f"{n.id:<22} {(n.parent.id if n.parent else '-'):<22} {n.replicate:>3} "
+            f"{p.num_steps:>7} {warmup:>7} "
             f"{opt.microbatches:>5} "
             + " ".join(f"{p.tokens.get(d, 0):>12,}" for d in data.DOMAINS)
             + f" {flops / 1e15:>9.4f}  {json.dumps(n.swept)}"
@@ -187,6 +194,12 @@ def plan_table(nodes: list[Node]) -> str:
         f"≈ {hours:,.1f} device-hours on {PLAN_DEVICE} at {PLAN_MFU:.0%} MFU of its "
         f"{perf.PEAK_BF16[PLAN_DEVICE] / 1e12:,.0f} TFLOP/s bf16 peak (training only)"
     )
+    copies = len({n.replicate for n in nodes})
+    if copies > 1:
+        lines.append(
+            f"{copies} replicates (column rep): per replicate {len(nodes) / copies:g} nodes, "
+            f"{total / copies / 1e15:.4f} PFLOP, ≈ {hours / copies:,.1f} device-hours"
+        )
     lines.append("warmup marked '!': it spans the whole stage, so the peak LR is never reached")
     if nodes:
         mesh = nodes[0].exp.mesh
@@ -472,7 +485,7 @@ def collect(workdir: str, nodes: list[Node]) -> list[dict]:
         swept = {k: v for n in lineage for k, v in n.swept.items()}
         by_stage = {n.stage: finished[n.id] for n in lineage}
         params = model_lib.count_params(leaf.exp.model)
-        rows.append(results.row(ids, leaf.exp, swept, by_stage, params))
+        rows.append(results.row(ids, leaf.exp, swept, by_stage, params, leaf.replicate))
     if jax.process_index() == 0:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         fileio.write_text(os.path.join(workdir, RESULTS), text)

@@ -23,9 +23,10 @@ def method_of(row: dict) -> str:
     return name
 
 
-def row(ids: dict, exp, swept: dict, results: dict, model_params: int) -> dict:
+def row(ids: dict, exp, swept: dict, results: dict, model_params: int, replicate: int = 0) -> dict:
     """One leaf's row. `ids` and `results` map stage names to node ids and result.json
-    contents along the lineage; `exp` is the leaf's typed config."""
+    contents along the lineage; `exp` is the leaf's typed config; `replicate` the copy of
+    the graph it belongs to (comparisons pair rows within one)."""
     pre, post, ft = (results[s] for s in ("pretrain", "posttrain", "finetune"))
     d = exp.data
     r = {
@@ -40,6 +41,8 @@ def row(ids: dict, exp, swept: dict, results: dict, model_params: int) -> dict:
         "compute_matched": exp.posttrain.compute_matched,
         "pool_tokens": d.post_pool_tokens,
         "seed": exp.seed,
+        "replicate": replicate,
+        "data_seed": d.seed,
         "model_params": model_params,
         "post_lr": exp.posttrain.optimizer.lr,
         "post_batch": exp.posttrain.batch,

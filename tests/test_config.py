@@ -98,10 +98,44 @@ def test_bad_sweeps_are_named():
         experiment.expand(c, 8)
 
 
-def test_seed_is_swept_with_pretraining_only():
+@pytest.mark.parametrize(
+    "stage, path",
+    [("pretrain", "seed"), ("pretrain", "data.seed"), ("posttrain", "posttrain.seed")],
+)
+def test_seeds_are_set_by_replicates_never_swept(stage, path):
     c = base.get_config()
-    c.sweep.posttrain = (("seed", (0, 1)),)  # would split one pool differently per branch
-    with pytest.raises(ValueError, match=r"sweep.posttrain='seed'"):
+    c.sweep[stage] = ((path, (0, 1)),)
+    with pytest.raises(ValueError, match=rf"sweep.{stage}='{path}': no seed: replicates=N"):
+        experiment.expand(c, 8)
+
+
+def test_replicates_copy_the_graph_with_paired_seeds():
+    c = base.get_config()  # 2 λ x 1 stage-2 LR x 2 stage-3 LRs: 8 nodes a replicate
+    c.posttrain.seed = 7
+    c.replicates = 3
+    nodes = experiment.expand(c, 8)
+    assert len(nodes) == 24
+    assert [n.stage for n in nodes] == sorted((n.stage for n in nodes), key=config.STAGES.index)
+    for n in nodes:
+        r = n.replicate
+        assert n.parent is None or n.parent.replicate == r
+        assert (n.exp.seed, n.exp.data.seed, n.exp.posttrain.seed) == (r, r, 7 + r)
+    one = base.get_config()
+    one.posttrain.seed = 7
+    first = [n.id for n in experiment.expand(one, 8)]
+    assert [n.id for n in nodes if n.replicate == 0] == first  # replicate 0 is the config
+    c.replicate_pools = False
+    assert {n.exp.data.seed for n in experiment.expand(c, 8)} == {0}
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [("replicates", 0, "an integer >= 1"), ("replicates", -2, "an integer >= 1")],
+)
+def test_bad_replicates_are_named(key, value, allowed):
+    c = base.get_config()
+    c[key] = value
+    with pytest.raises(config.ConfigError, match=rf"config key {key}={value}: {allowed}"):
         experiment.expand(c, 8)
 
 
@@ -148,7 +182,7 @@ def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
     c.posttrain.update(compute_matched=True, warmup_fraction=0.25)
     c.sweep.posttrain = (("posttrain.lr", (3e-3,)),)
     c.data.post_pool_tokens = 16_384
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0, 0.5)))
+    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0, 0.5)),)
     steps = {}
     for n in experiment.expand(c, 8):
         if n.stage == "posttrain":

@@ -133,7 +133,7 @@ def test_failing_node_is_recorded_and_its_siblings_finish(smoke_workdir, tmp_pat
     for n in (post.parent, post):  # finished parents, as a rerun would find them
         shutil.copytree(os.path.join(smoke_workdir, "runs", n.id), tmp_path / "runs" / n.id)
     c = default.get_config("smoke")
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0,)))
+    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
     leaves = [n for n in experiment.expand(c) if n.stage == "finetune"]
     injected = callbacks.RaiseAt(2, FloatingPointError("non-finite loss=nan (injected)"), times=1)
     with pytest.raises(experiment.GraphFailed) as e:

@@ -115,7 +115,7 @@ def test_lora_graph_merges_adapters_before_fine_tuning(smoke_workdir, tmp_path):
     """Stage 2 with adapters from a finished pretraining node: its base weights stay the
     parent's, and stage 3 starts from W + alpha/rank · A @ B (tied head untied)."""
     c = default.get_config("smoke")
-    c.sweep.pretrain = (("seed", (0,)), ("pretrain.exposure.lam", (0.0,)))
+    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
     c.sweep.posttrain = (("posttrain.lr", (3e-3,)),)  # the added arm alone
     c.sweep.finetune = (("finetune.lr", (1e-4,)),)
     pre = next(n for n in experiment.expand(c) if n.stage == "pretrain")

@@ -28,7 +28,7 @@ _FLAGS = [
     "--config.finetune.tokens=8192",
     "--config.ckpt.every=4",
     # λ ∈ {0, 1}, one added stage-2 arm: 8 nodes, the smoke graph's shape at its smallest
-    "--config.sweep.pretrain=(('seed', (0,)), ('pretrain.exposure.lam', (0.0, 1.0)))",
+    "--config.sweep.pretrain=(('pretrain.exposure.lam', (0.0, 1.0)),)",
     "--config.sweep.posttrain=(('posttrain.lr', (3e-3,)),)",
 ]
 LOSSES = ("L_im", "L_ret", "L_ft", "L_pre")
