@@ -39,6 +39,7 @@ EXTRAS = {
     ],
     "xm": ["xmanager"],
     "cuda": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]>=0.10"],  # libtpu: TPU runs, and deviceless TPU compiles on any host
     "dev": [
         "pytest",
         "pytest-xdist",

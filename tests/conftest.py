@@ -5,6 +5,10 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the `tpu` extra: deviceless TPU compiles), every JAX process would
+# first try to open a TPU: 0.5 s and a page of warnings each. Tests run on the CPU; the
+# TPU compiles load libtpu themselves (retention_jax.topology).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _HOME = tempfile.mkdtemp(prefix="retention_jax_home_")
