@@ -19,7 +19,8 @@ CORE = [
     "huggingface_hub",
     "pyarrow",
     "pyyaml",
-    "google-crc32c",  # the checksum of TensorBoard event records (retention_jax.tensorboard)
+    "tensorboard>=2.16",  # its event protos and record format (retention_jax.tensorboard)
+    "clu>=0.0.12",  # the parameter overview (clu.parameter_overview; not its TF writers)
 ]
 
 EXTRAS = {
@@ -47,7 +48,6 @@ EXTRAS = {
         "nbclient",
         "nbformat",
         "ipykernel",
-        "tensorboard>=2.16",  # its event loader checks the event files in tests
         "ruff",
     ],
 }

@@ -96,32 +96,43 @@ def test_truncated_record_ends_the_file(tmp_path):
     assert loaded(str(tmp_path)) == {"loss": [(1, 1.0)]}
 
 
-def test_events_match_tensorboards_protos():
-    """Encoded events parse as TensorBoard's `Event` protos, and its serialized protos
-    (with fields this module never writes) decode to the same values."""
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+def test_final_scalars_are_rewritten_by_the_finishing_attempt(tmp_path):
+    """Final evaluations name an earlier step than the last one; a rerun replaces them."""
+    first = tensorboard.SummaryWriter(str(tmp_path))
+    for step in (1, 2, 3, 4):
+        first.write_scalars(step, {"loss": float(step)})
+    first.write_final(2, {"final/post": 0.5})
+    first.close()  # then the job dies before its result is written
+    again = tensorboard.SummaryWriter(str(tmp_path), start_step=4)
+    again.write_final(2, {"final/post": 0.25})
+    again.close()
+    assert loaded(str(tmp_path)) == {
+        "loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)],
+        "final/post": [(2, 0.25)],
+    }
 
-    ours = tensorboard.Event(1.5e9, 2**40, (("loss", 0.25), ("val/post", -3.0)))
-    e = event_pb2.Event.FromString(tensorboard.encode(ours))
-    assert (e.wall_time, e.step) == (1.5e9, 2**40)
-    assert [(v.tag, v.simple_value) for v in e.summary.value] == list(ours.scalars)
-    header = event_pb2.Event.FromString(tensorboard.encode(tensorboard.Event(7.0, 0, None, "v")))
-    assert (header.file_version, header.HasField("summary")) == ("v", False)
 
-    theirs = event_pb2.Event(wall_time=2.0, step=9, summary=summary_pb2.Summary())
-    theirs.summary.value.add(tag="a", simple_value=0.5)
-    theirs.summary.value.add(tag="img").image.height = 3  # not a scalar: skipped
-    theirs.summary.value.add(tag="b", simple_value=1.0)
-    assert tensorboard.decode(theirs.SerializeToString()) == tensorboard.Event(
-        2.0, 9, (("a", 0.5), ("b", 1.0))
-    )
-    assert tensorboard.decode(event_pb2.Event(step=-1).SerializeToString()).step == -1
-    assert tensorboard.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C: 0xE3069283
+def test_summary_scalars_and_text(tmp_path):
+    old = tensorboard.SummaryWriter(str(tmp_path))
+    old.write_scalars(1, {"summary/x": 9.0})
+    old.close()
+    summary = {"share": {0.5: 0.25, 1.0: float("nan")}, "ft_lr": 1e-3, "ok": True, "name": "a"}
+    tensorboard.write_summary(str(tmp_path), summary, "the table")
+    assert loaded(str(tmp_path)) == {
+        "summary/share/0.5": [(0, 0.25)],
+        "summary/ft_lr": [(0, pytest.approx(1e-3))],
+        "summary/ok": [(0, 1.0)],
+    }
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    (text,) = acc.Tensors("summary")
+    assert text.tensor_proto.string_val == [b"```\nthe table\n```"]
 
 
 def test_imports_neither_tensorflow_nor_torch():
     code = (
-        "import sys, retention_jax.tensorboard; "
+        "import sys, tempfile, retention_jax.tensorboard as tb; "
+        "w = tb.SummaryWriter(tempfile.mkdtemp()); w.write_text(1, 't', 'x'); w.close(); "
         "assert not {'tensorflow', 'torch', 'tensorboardX'} & set(sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
