@@ -12,6 +12,7 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
   replicates  copies of the whole graph, each paired comparison made within one copy
   sweep       per stage, (dotted config path, values) pairs; the graph is their product
   eval, ckpt, log   evaluation size and period, checkpoint period, logging period
+  profile     a jax.profiler trace of a window of steps in every node that runs them
 """
 
 import ml_collections as mlc
@@ -119,7 +120,8 @@ def get_config() -> mlc.ConfigDict:
         posttrain=(("posttrain.lr", (1e-3,)),),
         finetune=(("finetune.lr", (1e-4, 1e-3)),),
     )
-    c.eval = dict(batch=32)
+    c.eval = dict(batch=32, every=0)  # steps between validations of every domain; 0: ckpt.every
     c.ckpt = dict(every=200, every_minutes=30.0)  # steps; and wall time (0: steps only)
     c.log = dict(every=20)
+    c.profile = dict(steps=(0, 0))  # (first, last): trace these steps into each run directory
     return c

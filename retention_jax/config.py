@@ -244,6 +244,8 @@ class Experiment:
     ckpt_every: int
     ckpt_every_minutes: float  # > 0: also checkpoint after this much wall time
     log_every: int
+    eval_every: int = 0  # validation of every domain; 0: at each ckpt_every
+    profile_steps: tuple[int, int] | None = None  # (first, last) step traced, inclusive
 
     def stage(self, name: str) -> Pretrain | Posttrain | Finetune:
         return getattr(self, name)
@@ -622,6 +624,7 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     finetune = Finetune(s3.int("tokens", 0), b3, _optimizer(s3, b3 // rows))
     s3.done()
     ev, ck, lg = root.section("eval"), root.section("ckpt"), root.section("log")
+    pr = root.section("profile")
     exp = Experiment(
         seed=seed,
         model=model,
@@ -635,12 +638,27 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         ckpt_every=ck.int("every", 1),
         ckpt_every_minutes=ck.num("every_minutes", 0, math.inf),
         log_every=lg.int("every", 1),
+        eval_every=ev.int("every", 0),
+        profile_steps=_profile_steps(pr),
     )
-    for s in (ev, ck, lg):
+    for s in (ev, ck, lg, pr):
         s.done()
     root.done(extra=("sweep", "replicates", "replicate_pools"))
     _check_budgets(exp)
     return exp
+
+
+def _profile_steps(s: _Section) -> tuple[int, int] | None:
+    steps = s.raw("steps")
+    try:
+        first, last = (int(x) for x in steps)
+    except (TypeError, ValueError):
+        fail(s.key("steps"), steps, "(first, last) steps to trace, or (0, 0): none")
+    if (first, last) == (0, 0):
+        return None
+    if not 1 <= first <= last:
+        fail(s.key("steps"), steps, "(first, last) with 1 <= first <= last, or (0, 0): none")
+    return first, last
 
 
 def _check_budgets(exp: Experiment) -> None:
