@@ -190,3 +190,83 @@ def test_command_prints_json_and_writes_figure(tmp_path, capsys):
     }
     assert printed["protocol"]["post_steps_mixed"] == CFG.K
     assert out.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def phase():
+    return theory.phase_diagram(CFG)
+
+
+def _cell(phase, c6: str, x: str, y: str, at_x, at_y) -> dict:
+    p = phase["panels"][c6, x, y]
+    i, j = p["y"].index(at_y), p["x"].index(at_x)
+    return {k: float(v[i, j]) for k, v in p.items() if k not in ("x", "y")}
+
+
+def test_phase_engine_reproduces_the_full_matrix_simulation(rep, phase):
+    c = rep["protocol"]
+    cell = _cell(phase, "dropped", "T", "K", CFG.T, CFG.K)
+    for name in theory.MODELS:
+        for key in ("L_im", "L_ret", "delta"):
+            assert cell[f"{key}_{name}"] == pytest.approx(c[f"{key}_{name}"], abs=2e-4)
+    assert cell["bound"] == pytest.approx(c["bound_bound"], abs=1e-3)
+    with pytest.raises(ValueError, match=r"config key n=3: a point may set only \("):
+        theory.phase_points(CFG, [{"n": 3}])
+
+
+def test_phase_diagram_without_stage2_matches_the_closed_form(phase):
+    """K = 0: stage 1 converges the inconsistent block (mixed: to the compromise, or left at
+    exp(-2T) with C.6 imposed), stage 3 moves it to σ_ft, the specialized block never moves."""
+    pre, post, ft = CFG.sigma_inconsistent
+    k, a, b = CFG.n_inconsistent, CFG.alpha, CFG.beta
+    compromise = (1 - a) * pre + a * post
+    for t in theory.GRIDS["T"]:
+        cell = _cell(phase, "dropped", "T", "K", t, 0)
+        assert cell["delta_unmixed"] == pytest.approx(0.0, abs=1e-4)
+        closed = k * ((ft - post) ** 2 - (compromise - post) ** 2)  # = k (1 - (1-α)²) c_mis²
+        assert cell["d_delta"] == pytest.approx(closed, abs=1e-4)
+        imposed = _cell(phase, "imposed", "T", "K", t, 0)
+        closed = k * ((ft - post) ** 2 - (math.exp(-2 * t) - post) ** 2)
+        assert imposed["delta_mixed"] == pytest.approx(closed, abs=1e-3)
+    cell = _cell(phase, "dropped", "T", "K", 4.0, 0)
+    theta0, t1 = math.exp(-8.0), CFG.lr * CFG.steps_pretrain
+    spec = b / (1 + (b / theta0 - 1) * math.exp(-4 * a * b * t1))  # logistic, rate 4αβ
+    closed = CFG.n_specialized * ((spec - b) ** 2 - (theta0 - b) ** 2)
+    assert cell["d_ret"] == pytest.approx(closed, abs=2e-3)
+
+
+def test_converged_unregularised_stage2_makes_the_models_identical(phase):
+    """λ = 0, K = 3000: both models reach A_post, so both forget k (σ_ft - σ_post)²."""
+    _, post, ft = CFG.sigma_inconsistent
+    closed = CFG.n_inconsistent * (ft - post) ** 2
+    for c6 in theory.C6_MODES:
+        cell = _cell(phase, c6, "lam", "K", 0.0, 3000)
+        for name in theory.MODELS:
+            assert cell[f"delta_{name}"] == pytest.approx(closed, abs=1e-3)
+            assert cell[f"L_ret_{name}"] == pytest.approx(closed, abs=1e-3)
+
+
+def test_phase_diagram_reading(phase):
+    s = theory.phase_summary(phase)
+    for name, p in s.items():
+        assert p["c4_and_c6"] == 0, name  # no cell meets every stated assumption
+        assert p["d_ret_range"][1] < 1e-4, name  # mixed never retains worse
+        assert p["bound_holds"] == p["bound_applies"], name
+        if name.startswith("dropped"):  # mixed forgets at least as much, everywhere
+            assert p["d_delta_range"][0] > -1e-4, name
+    assert s["imposed:TxK"]["delta_mixed_below_unmixed"] == s["imposed:TxK"]["cells"]
+    applies = phase["panels"]["dropped", "lam", "K"]["bound_applies"]
+    lam, k = np.nonzero(applies.T)
+    assert {theory.GRIDS["lam"][i] for i in lam} == {0.0, 0.03, 0.1, 0.3}
+    assert {theory.GRIDS["K"][i] for i in k} == {30, 100}
+    c6 = phase["panels"]["dropped", "alpha", "beta"]["c6"]
+    assert c6.sum() == 5 and min(theory.GRIDS["beta"][i] for i in np.nonzero(c6)[0]) == 2.4
+
+
+def test_phase_command_prints_summary_and_writes_figure(tmp_path, capsys):
+    out = tmp_path / "phase.png"
+    theory.main(["--phase", "--json", f"--out={out}"])
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == len(theory.C6_MODES) * len(theory.PANELS)
+    assert printed["dropped:TxK"]["cells"] == 64
+    assert out.stat().st_size > 50_000

@@ -2,6 +2,7 @@ r"""The paper's section-5 two-layer linear network, simulated under the paper's 
 
   python -m retention_jax.analysis.theory --json        # the numbers
   python -m retention_jax.analysis.theory --out=t.png   # the T and K sweeps, drawn
+  python -m retention_jax.analysis.theory --phase --out=p.png  # the phase diagram
 
 Model. θ = W1·W2 (n x n, hidden width n) maps x to y; task t has target A_t = U Σ_t Vᵀ and
 every task shares U and V, so we work in that basis (A_t = diag(σ_t)). Losses are population
@@ -33,6 +34,13 @@ The bound Δ_unmixed ≥ k[c_mis² - 4βε - 2c_mis·ε] is evaluated with k the
 inconsistent features and ε the largest distance of the unmixed model's singular values from
 the idealised states the argument assumes, diag(σ_inv, σ_post, 0) after stage 2 and
 diag(σ_inv, σ_ft, 0) after stage 3; it "applies" where it is positive.
+
+Phase diagram (`phase_diagram`, `draw_phase`): the same protocol on grids over what the
+theorems leave open (T, K, λ, α, β against c_mis, D_post's inconsistent value and its input
+variance on the specialized block), with C.6 either dropped as above or "imposed": the mixed
+model leaves stage 1 with its inconsistent block unlearned, the state Thm C.10 asserts. Each
+cell gives the sign and size of Δ_mixed - Δ_unmixed and of the L_ret gap, whether the bound
+applies and holds, and whether C.4 and C.6 hold.
 
 `matched_stop` keeps, as an illustration only, the rule that stops each model's stage 2 once
 its D_post loss reaches the mixed model's loss after stage 1: it gives the two models
@@ -468,6 +476,246 @@ def draw(rep: dict[str, Any]) -> Figure:
     return fig
 
 
+# The phase diagram: every free parameter the theorems leave open, on grids.
+#
+# With identity initialisation θ stays diagonal and W1 = W2 = diag(a), so each feature
+# evolves alone: a <- a·(1 - lr·∂L/∂θ), θ = a². Features of one block share their
+# dynamics, so one representative per block (weighted by the block size in every loss)
+# gives the full-matrix simulation's numbers (a test checks it), thousands of runs at once.
+PHASE_KEYS = ("alpha", "T", "lam", "K", "beta", "sigma_post", "v_spec")
+C6_MODES = ("dropped", "imposed")
+GRIDS = {
+    "T": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
+    "K": (0, 3, 10, 30, 100, 300, 1000, 3000),
+    "lam": (0.0, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0),
+    "alpha": (0.003, 0.01, 0.03, 0.1, 0.3, 0.6, 0.8, 1.0),
+    "beta": (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.4, 2.9),
+    "sigma_post": (0.0, 0.5, 1.5, 2.0, 2.5),
+    "v_spec": (0.1, 0.3, 1.0, 3.0),
+}
+PANELS = (("T", "K"), ("lam", "K"), ("alpha", "beta"), ("sigma_post", "v_spec"))
+
+
+def _phase_default(cfg: Config) -> dict[str, float]:
+    """`cfg` as a point of the diagram (D_post's specialized input variance is 1)."""
+    keys = ("alpha", "T", "lam", "K", "beta")
+    return {k: getattr(cfg, k) for k in keys} | {
+        "sigma_post": cfg.sigma_inconsistent[1],
+        "v_spec": 1.0,
+    }
+
+
+def _block_tasks(cfg: Config, p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, input variances), task x block, for the point `p` of the diagram."""
+    pre, post, ft = cfg.sigma_inconsistent
+    post = p.get("sigma_post", post)
+    beta, v = p.get("beta", cfg.beta), p.get("v_spec", 1.0)
+    sig = [[cfg.sigma_invariant, inc, b] for inc, b in ((pre, 0.0), (post, beta), (ft, 0.0))]
+    var = [[1.0, 1.0, 0.0], [1.0, 1.0, v], [1.0, 1.0, 0.0]]
+    return np.asarray(sig, np.float32), np.asarray(var, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("steps_pretrain", "k_max", "steps_finetune"))
+def _block_pipeline(sig_Rx3x3, var_Rx3x3, mix_Rx3, t_R, lam_R, k_R, impose_R, lr, *,
+                    steps_pretrain, k_max, steps_finetune):  # fmt: skip
+    """Per-block scalar dynamics of every run; θ per block after each stage."""
+
+    def descend(a_Rx3, grad, steps, active):
+        def step(a, i):
+            return jnp.where(active(i), a * (1 - lr * grad(a * a)), a), None
+
+        return jax.lax.scan(step, a_Rx3, jnp.arange(steps), unroll=8)[0]
+
+    a = jnp.broadcast_to(jnp.exp(-t_R)[:, None], (t_R.shape[0], 3))
+    thetas = [a * a]
+    w_Rx3x3 = mix_Rx3[:, :, None] * var_Rx3x3  # stage-1 weight per task and block
+    a = descend(a, lambda th: 2 * jnp.sum(w_Rx3x3 * (th[:, None] - sig_Rx3x3), 1),
+                steps_pretrain, lambda i: True)  # fmt: skip
+    # C.6 imposed: the mixed model leaves stage 1 with its inconsistent block unlearned
+    # (Thm C.10), at its initial value (exactly 0 would be a saddle GD never leaves).
+    a = a.at[:, 1].set(jnp.where(impose_R, jnp.exp(-t_R), a[:, 1]))
+    thetas.append(th0 := a * a)
+    a = descend(
+        a,
+        lambda th: 2 * var_Rx3x3[:, 1] * (th - sig_Rx3x3[:, 1]) + 2 * lam_R[:, None] * (th - th0),
+        k_max,
+        lambda i: (i < k_R)[:, None],
+    )
+    thetas.append(a * a)
+    a = descend(a, lambda th: 2 * var_Rx3x3[:, 2] * (th - sig_Rx3x3[:, 2]), steps_finetune,
+                lambda i: True)  # fmt: skip
+    thetas.append(a * a)
+    return jnp.stack(thetas, 1)  # R x stage x block
+
+
+def phase_points(cfg: Config, points: Sequence[dict], c6: str = "dropped") -> dict[str, np.ndarray]:
+    """Mixed and unmixed runs at each point (any of PHASE_KEYS set; the rest from `cfg`).
+
+    Points may break the paper's assumptions: that is what the diagram maps. Returns, per
+    point, the losses of both models, their gaps, the C.17 bound on Δ_unmixed and which of
+    C.4 (0 < β < c_mis/2) and C.6 (αβ > (1-α)σ_pre + ασ_post) hold.
+    """
+    if c6 not in C6_MODES:
+        raise ValueError(f"config key c6={c6!r}: allowed {C6_MODES}")
+    for p in points:
+        for key in sorted(set(p) - set(PHASE_KEYS)):
+            raise ValueError(f"config key {key}={p[key]!r}: a point may set only {PHASE_KEYS}")
+    full = [_phase_default(cfg) | p for p in points]
+    runs = [(p, alpha) for p in full for alpha in (p["alpha"], 0.0)]  # mixed, unmixed
+    sig, var = zip(*(_block_tasks(cfg, p) for p, _ in runs), strict=True)
+    th = np.asarray(
+        _block_pipeline(
+            jnp.asarray(np.stack(sig)),
+            jnp.asarray(np.stack(var)),
+            jnp.asarray([[1 - a, a, 0.0] for _, a in runs], jnp.float32),
+            jnp.asarray([p["T"] for p, _ in runs], jnp.float32),
+            jnp.asarray([p["lam"] for p, _ in runs], jnp.float32),
+            jnp.asarray([p["K"] for p, _ in runs], jnp.int32),
+            jnp.asarray([c6 == "imposed" and a > 0 for _, a in runs]),
+            cfg.lr,
+            steps_pretrain=cfg.steps_pretrain,
+            k_max=max(int(p["K"]) for p in full),
+            steps_finetune=cfg.steps_finetune,
+        ),
+        np.float64,
+    )  # run x stage x block
+    sig, var = np.stack(sig), np.stack(var)
+    mult = np.asarray([cfg.n_invariant, cfg.n_inconsistent, cfg.n_specialized], np.float64)
+    # loss[run, stage, task] = Σ_blocks size · variance · (θ - target)²
+    loss = np.einsum("b,rtb,rstb->rst", mult, var, (th[:, :, None] - sig[:, None]) ** 2)
+    l_im, l_ret = loss[:, 2, 1], loss[:, 3, 1]
+    mixed, unmixed = slice(0, None, 2), slice(1, None, 2)
+    out = {
+        "L_im_mixed": l_im[mixed],
+        "L_im_unmixed": l_im[unmixed],
+        "L_ret_mixed": l_ret[mixed],
+        "L_ret_unmixed": l_ret[unmixed],
+        "delta_mixed": (l_ret - l_im)[mixed],
+        "delta_unmixed": (l_ret - l_im)[unmixed],
+        "spec_after_pretrain_mixed": th[mixed, 1, 2],
+    }
+    out["d_delta"] = out["delta_mixed"] - out["delta_unmixed"]
+    out["d_ret"] = out["L_ret_mixed"] - out["L_ret_unmixed"]
+    pre, _, ft = cfg.sigma_inconsistent
+    post = np.asarray([p["sigma_post"] for p in full])
+    beta = np.asarray([p["beta"] for p in full])
+    alpha = np.asarray([p["alpha"] for p in full])
+    c_mis = np.minimum(abs(post - pre), abs(post - ft))
+    # ε: the unmixed model's distance from diag(σ_inv, σ_post, 0) after stage 2 and
+    # diag(σ_inv, σ_ft, 0) after stage 3, as `lower_bound` measures it.
+    th_u = th[unmixed]
+    ideal2 = np.stack([np.full_like(post, cfg.sigma_invariant), post, 0 * post], 1)
+    ideal3 = np.stack([np.full_like(post, cfg.sigma_invariant), 0 * post + ft, 0 * post], 1)
+    eps = np.maximum(abs(th_u[:, 2] - ideal2).max(1), abs(th_u[:, 3] - ideal3).max(1))
+    out["bound"] = cfg.n_inconsistent * (c_mis**2 - 4 * beta * eps - 2 * c_mis * eps)
+    out["bound_applies"] = out["bound"] > 0
+    out["bound_holds"] = out["bound_applies"] & (out["delta_unmixed"] >= out["bound"])
+    out["c4"] = (beta > 0) & (beta < c_mis / 2)
+    out["c6"] = alpha * beta > (1 - alpha) * pre + alpha * post
+    return out
+
+
+def phase_diagram(cfg: Config = Config()) -> dict[str, Any]:
+    """Every panel of PANELS under both C.6 modes, in one compiled batch.
+
+    Returns {"panels": {(c6, x, y): {"x": grid, "y": grid, field: y x x array}}, ...}
+    with the default point's coordinates under "default".
+    """
+    cells = {(x, y): [{x: a, y: b} for b in GRIDS[y] for a in GRIDS[x]] for x, y in PANELS}
+    flat = [p for ps in cells.values() for p in ps]
+    panels = {}
+    for c6 in C6_MODES:
+        res = phase_points(cfg, flat, c6)
+        at = 0
+        for (x, y), ps in cells.items():
+            shape = (len(GRIDS[y]), len(GRIDS[x]))
+            panels[c6, x, y] = {"x": GRIDS[x], "y": GRIDS[y]} | {
+                k: v[at : at + len(ps)].reshape(shape) for k, v in res.items()
+            }
+            at += len(ps)
+    return {"panels": panels, "default": _phase_default(cfg)}
+
+
+def phase_summary(diagram: dict[str, Any]) -> dict[str, Any]:
+    """Per C.6 mode and panel: how many cells show each outcome (JSON-ready)."""
+    out = {}
+    for (c6, x, y), p in diagram["panels"].items():
+        out[f"{c6}:{x}x{y}"] = {
+            "cells": int(p["d_delta"].size),
+            "delta_mixed_below_unmixed": int((p["d_delta"] < -1e-4).sum()),
+            "L_ret_mixed_below_unmixed": int((p["d_ret"] < -1e-4).sum()),
+            "bound_applies": int(p["bound_applies"].sum()),
+            "bound_holds": int(p["bound_holds"].sum()),
+            "c4": int(p["c4"].sum()),
+            "c6": int(p["c6"].sum()),
+            "c4_and_c6": int((p["c4"] & p["c6"]).sum()),
+            "d_delta_range": [float(p["d_delta"].min()), float(p["d_delta"].max())],
+            "d_ret_range": [float(p["d_ret"].min()), float(p["d_ret"].max())],
+        }
+    return out
+
+
+_AXIS = {
+    "T": "T (init exp(−T)·I)",
+    "K": "K (stage-2 steps, both)",
+    "lam": "λ (proximal weight)",
+    "alpha": "α (D_post share of stage 1)",
+    "beta": "β / c_mis",
+    "sigma_post": "σ_post on the inconsistent block (σ_pre = σ_ft = 1)",
+    "v_spec": "D_post input variance, specialized block",
+}
+
+
+def draw_phase(diagram: dict[str, Any]) -> Figure:
+    """Rows: panels. Columns: Δ_mixed − Δ_unmixed and L_ret,mixed − L_ret,unmixed, with C.6
+    dropped, then imposed. Blue: mixed lower (the paper's direction). Solid line: zero;
+    dots: the C.17 bound applies and holds, x: applies and fails; dashed outline: C.4
+    holds, dotted: C.6 holds (they never meet); star: the default."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    fig = Figure(figsize=(20, 4.2 * len(PANELS)), layout="constrained")
+    axes = fig.subplots(len(PANELS), 4, squeeze=False)
+    for row, (x, y) in zip(axes, PANELS, strict=True):
+        for ax, (c6, field) in zip(
+            row, [(m, f) for m in C6_MODES for f in ("d_delta", "d_ret")], strict=True
+        ):
+            p = diagram["panels"][c6, x, y]
+            z = p[field]
+            lim = max(float(abs(z).max()), 1e-6)
+            mesh = ax.pcolormesh(
+                z, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), shading="flat"
+            )
+            fig.colorbar(mesh, ax=ax, shrink=0.8)
+            cx, cy = np.meshgrid(np.arange(len(p["x"])) + 0.5, np.arange(len(p["y"])) + 0.5)
+            if z.min() < 0 < z.max():
+                ax.contour(cx, cy, z, levels=[0.0], colors="k", linewidths=1)
+            for mask, marker in (
+                (p["bound_holds"], "."),
+                (p["bound_applies"] & ~p["bound_holds"], "x"),
+            ):
+                ax.scatter(cx[mask], cy[mask], marker=marker, color="k", s=14)
+            for key, ls in (("c4", "--"), ("c6", ":")):
+                m = p[key].astype(float)
+                if 0 < m.sum() < m.size:
+                    ax.contour(cx, cy, m, levels=[0.5], colors="g", linestyles=ls, linewidths=2)
+            d = diagram["default"]
+            if d[x] in p["x"] and d[y] in p["y"]:
+                ax.plot(p["x"].index(d[x]) + 0.5, p["y"].index(d[y]) + 0.5, "*", color="gold",
+                        markersize=16, markeredgecolor="k")  # fmt: skip
+            ax.set_xticks(np.arange(len(p["x"])) + 0.5, [f"{v:g}" for v in p["x"]])
+            ax.set_yticks(np.arange(len(p["y"])) + 0.5, [f"{v:g}" for v in p["y"]])
+            ax.set_xlabel(_AXIS[x])
+            ax.set_ylabel(_AXIS[y])
+            what = "Δ_mixed − Δ_unmixed" if field == "d_delta" else "L_ret,mixed − L_ret,unmixed"
+            ax.set_title(f"{what}, C.6 {c6}", fontsize=10)
+    fig.suptitle(
+        "Blue: mixed lower (the paper's direction); black line: zero; dots: the C.17 bound "
+        "applies and holds, x: applies and fails; green dashed: C.4 holds, green dotted: C.6 "
+        "holds (the paper's regime needs both: no cell has them); star: the default"
+    )
+    return fig
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -475,12 +723,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     for key in ("alpha", "beta", "T", "lam"):
         parser.add_argument(f"--{key}", type=float, default=getattr(Config, key))
     parser.add_argument("--K", type=int, default=Config.K)
+    parser.add_argument("--phase", action="store_true", help="the phase diagram instead")
     args = parser.parse_args(argv)
     cfg = Config(alpha=args.alpha, beta=args.beta, T=args.T, lam=args.lam, K=args.K)
-    rep = report(cfg)
-    print(json.dumps(rep, indent=1) if args.json else summary(rep))
-    if args.out:
-        draw(rep).savefig(args.out, dpi=120)
+    if args.phase:
+        diagram = phase_diagram(cfg)
+        print(json.dumps(phase_summary(diagram), indent=1))
+        fig = draw_phase(diagram) if args.out else None
+    else:
+        rep = report(cfg)
+        print(json.dumps(rep, indent=1) if args.json else summary(rep))
+        fig = draw(rep) if args.out else None
+    if fig is not None:
+        fig.savefig(args.out, dpi=120)
         if not args.json:
             print(f"wrote {args.out}")
 
