@@ -155,11 +155,12 @@ def test_old_rows_without_convergence_fields_still_load(tmp_path):
     assert figures.draw_all(str(tmp_path))  # frontiers and methods figures draw
 
 
-def test_compare_with_seeds_gives_mean_and_ci():
+def test_compare_over_replicates_gives_mean_interval_and_p():
     c = report.compare(synthetic.rows(seeds=(0, 1, 2)))
     view = c["music->chem, |D_post| 200K"]["(L_ft, L_ret)"]
-    assert view["seeds"] == 3
-    assert view["area"] > 0 and view["area_ci95"] > 0
+    area = view["stats"]["area"]
+    assert view["replicates"] == area.n == 3 and area.replicates == (0, 1, 2)
+    assert view["area"] == area.mean > 0 and area.ci95[0] > 0 and area.p == 0.25
     assert view["b_dominated_by_a"] > 0.9
 
 
@@ -198,9 +199,13 @@ def test_lambda_curves_use_one_named_stage2_setting():
     assert paper.COMPUTE_MATCHED_BEST_LAM[300_000_000] == 0.5
 
 
-def test_paper_rows_hold_every_fig3_cell():
+def test_paper_rows_hold_the_digitized_fig3_cells_and_nothing_else():
     rows = paper.rows()
-    assert len(rows) == 3 * 3 + 5
+    cells = {(r["compute_matched"], r["pool_tokens"], r["lam"]) for r in rows}
+    assert cells == {(False, p, lam) for p in paper.POOLS for lam in (0.0, 0.5, 1.0)} | {
+        (True, 300_000_000, lam) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)
+    }  # 14 of the figure's 30; the rest are not read off yet
+    assert set(paper.COMPUTE_MATCHED_BEST_LAM) == set(paper.POOLS)
     added = {(r["pool_tokens"], r["lam"]): (r["L_im"], r["L_ret"]) for r in rows}
     assert added[30_000_000, 0.0] == (1.788, 2.175)
     assert added[150_000_000, 0.5] == (1.507, 1.819)
@@ -279,12 +284,17 @@ def test_lambda_figure_counts_rings_and_paper_overlay():
     assert len(axes) == 4  # added and compute-matched, L_im and L_ret
     added, matched = axes[:2], axes[2:]
     for ax in added:
-        assert len(ax.get_lines()) == 2 + 3  # two pools, three paper pools
+        assert len(ax.get_lines()) == 2 + 3 * 2  # two pools; three paper pools, each starred
         assert _scatter_sizes(ax) == [1, 3, 1, 3]  # per pool a star and three cap rings
+        paper_stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+        assert len(paper_stars) == 3
+    best_30m = min(paper.ADDED[30_000_000], key=lambda p: p[2])
+    assert (paper_stars[0].get_xdata(), paper_stars[0].get_ydata()) == (0.5, best_30m[2])
     for ax in matched:
         assert _scatter_sizes(ax) == [1]  # compute-matched runs never hit a cap
-    assert len(matched[0].get_lines()) == 1 + 1  # one pool, the paper's 300M
-    assert len(matched[1].get_lines()) == 1 + 1  # 200K has no paper best-λ line
+    assert len(matched[0].get_lines()) == 1 + 2  # one pool; the paper's 300M and its star
+    # L_ret: and the best λ of the paper's 30M and 150M curves, whose values are not digitized
+    assert len(matched[1].get_lines()) == 1 + 2 + 2
     assert added[0].get_title().endswith("stage 2: LR 0.001, batch 16")
     star = added[1].collections[2].get_offsets()[0]
     curve = report.lambda_curves(rows, post=(1e-3, 16))[False, 200_000]
@@ -294,7 +304,8 @@ def test_lambda_figure_counts_rings_and_paper_overlay():
     mine = [dict(r, compute_matched=True, post_lr=1e-3, post_batch=16) for r in paper_pools]
     fig = figures.draw_lambda(mine, reference="paper")
     vlines = [ln for ln in fig.get_axes()[1].get_lines() if ln.get_linestyle() == ":"]
-    assert [ln.get_xdata()[0] for ln in vlines] == [0.25]
+    assert [ln.get_xdata()[0] for ln in vlines] == [0.25, 0.25]
+    assert "150M: best λ (values not digitized)" in vlines[1].get_label()
 
 
 def test_draw_all_writes_what_rows_support(tmp_path):

@@ -200,24 +200,12 @@ def draw_lambda(
                 (line,) = ax.plot(lam, y, "o-", label=f"|D_post| = {results.tokens_label(pool)}")
                 best = int(np.argmin(y))
                 ax.scatter([lam[best]], [y[best]], marker="*", s=220, color=line.get_color())
-                if ref and cm and loss == "L_ret" and (cm, pool) not in ref:
-                    # The paper states only the best λ for the pools it prints no curve for.
-                    best_lam = paper.COMPUTE_MATCHED_BEST_LAM.get(pool)
-                    if best_lam is not None:
-                        ax.axvline(best_lam, ls=":", color=line.get_color(), label="paper best λ")
                 capped = [(c.lam, getattr(c, loss)) for c in curve if c.cap_hit]
                 if capped:
                     x, yc = zip(*capped, strict=True)
                     ax.scatter(x, yc, s=140, facecolors="none", edgecolors="red", label="hit cap")
-            for pool, curve in ((p, c) for (c_m, p), c in ref.items() if c_m == cm):
-                ax.plot(
-                    [c.lam for c in curve],
-                    [getattr(c, loss) for c in curve],
-                    "x--",
-                    color="k",
-                    alpha=0.3 + 0.7 * pool / 300e6,
-                    label=f"paper 135M, {results.tokens_label(pool)}",
-                )
+            if ref:
+                _paper_reference(ax, ref, cm, loss)
             ax.set_xlabel("λ (share of D_post seen in pretraining)")
             ax.set_ylabel(label(loss, rows[0]))
             ax.set_title(
@@ -227,6 +215,24 @@ def draw_lambda(
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     return fig
+
+
+def _paper_reference(ax, ref: dict, cm: bool, loss: str) -> None:
+    """The paper's 135M cells (dashed, darker for larger pools), a hollow star at each
+    curve's best λ; for the compute-matched pools whose values were not digitized, a
+    dotted line at the best λ the figure shows."""
+    shade = {pool: 0.3 + 0.7 * pool / 300e6 for pool in paper.POOLS}
+    for pool, curve in ((p, c) for (c_m, p), c in ref.items() if c_m == cm):
+        lam, y = [c.lam for c in curve], [getattr(c, loss) for c in curve]
+        name = f"paper 135M, {results.tokens_label(pool)}"
+        ax.plot(lam, y, "x--", color="k", alpha=shade[pool], label=name)
+        best = int(np.argmin(y))
+        ax.plot(lam[best], y[best], "*", ms=16, mfc="none", mec="k", alpha=shade[pool])
+    if cm and loss == "L_ret":
+        for pool, lam in paper.COMPUTE_MATCHED_BEST_LAM.items():
+            if (cm, pool) not in ref:
+                label = f"paper 135M, {results.tokens_label(pool)}: best λ (values not digitized)"
+                ax.axvline(lam, ls=":", color="k", alpha=shade[pool], label=label)
 
 
 def save(fig: Figure, path_without_ext: str) -> list[str]:

@@ -1,13 +1,17 @@
 """The paper's Fig. 3 numbers as rows shaped like results.jsonl, so a reproduction can be
 drawn beside them with the same code.
 
-135M, C4 -> MusicPile -> ChemPile, stage 3 at LR 5e-5, read off the figures (+-0.005):
-every cell docs/science.md lists. The paper prints Fig. 3b's curve for |D_post| = 300M
-only; for 30M and 150M it states the best λ (0.25), kept in COMPUTE_MATCHED_BEST_LAM.
+135M, C4 -> MusicPile -> ChemPile, stage 3 at LR 5e-5, read off the figures (+-0.005).
+The paper draws both panels for all three pools at λ ∈ {0, 0.25, 0.5, 0.75, 1}: 30 cells
+each of L_im and L_ret. Only the cells read so far are here, 14 of the 30: Fig. 3a at
+λ ∈ {0, 0.5, 1} for every pool, and Fig. 3b for 300M. Still missing are Fig. 3a at λ = 0.25
+and 0.75 (6 cells) and Fig. 3b for 30M and 150M (10 cells). Those two curves are known only
+by their best λ (0.25), kept in COMPUTE_MATCHED_BEST_LAM. No value is filled in by guess.
 """
 
 PIPELINE = "musicpile->chempile"  # as configs/corpora.py names the real corpora
 FT_LR = 5e-5
+POOLS = (30_000_000, 150_000_000, 300_000_000)
 
 # Fig. 3a, stage 2 to convergence: |D_post| -> (lam, L_im, L_ret) per point.
 ADDED = {
