@@ -34,6 +34,7 @@ LAMS = (0.0, 0.5, 1.0)
 
 def get_config(arg: str = "") -> "base.mlc.ConfigDict":
     c = base.get_config()
+    c.replicates = 3  # the whole graph three times: each effect with its interval
     c.data.val_tokens = 8_192
     c.data.post_pool_tokens = POOL_TOKENS
     c.data.ft_pool_tokens = POOL_TOKENS
@@ -48,6 +49,7 @@ def get_config(arg: str = "") -> "base.mlc.ConfigDict":
     c.sweep.posttrain = (_arms((3e-3, 5e-3), 3e-3, c.posttrain.early_stop.every),)
     c.sweep.finetune = (("finetune.lr", (1e-4, 1e-3, 3e-3, 1e-2)),)
     if arg == "smoke":
+        c.replicates = 1
         c.data.val_tokens = 4_096
         c.data.post_pool_tokens = 2_048  # one step per epoch: overfits within the cap
         c.data.ft_pool_tokens = 4_096

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ def _post_results(workdir: str, cfg) -> dict:
 
 
 def test_default_graph_sizes_follow_the_protocol():
-    nodes = experiment.expand(default.get_config())
+    every = experiment.expand(default.get_config())
+    assert sorted({n.replicate for n in every}) == [0, 1, 2]
+    nodes = [n for n in every if n.replicate == 0]
     by_stage = {s: [n for n in nodes if n.stage == s] for s in config.STAGES}
     assert [len(v) for v in by_stage.values()] == [3, 9, 36]
     assert sorted(n.exp.pretrain.exposure.lam for n in by_stage["pretrain"]) == [0.0, 0.5, 1.0]
@@ -159,7 +162,8 @@ def test_summary_is_computed_from_the_results_file(tmp_path):
         assert len(mine) == 12
         assert v == pytest.approx(np.median([(r["L_ret"] - r["L_im"]) / r["L_im"] for r in mine]))
     added = [r for r in rows if not r["compute_matched"]]
-    assert json.dumps(s["frontiers"]) == json.dumps(report.compare(added))  # NaN-safe
+    extremes = [r for r in added if r["lam"] in (0.0, 1.0)]  # mixed: the largest λ
+    assert report.to_json(s["frontiers"]) == report.to_json(report.compare(extremes))
     assert s["frontiers"]["music->chem, |D_post| 100K"]["(L_ft, L_ret)"]["b_dominated_by_a"] == 1.0
     text = report.format_summary(s)
     assert "stage 2 converged: yes (6 of 6 runs stopped early" in text
@@ -191,3 +195,29 @@ def test_summary_counts_capped_runs():
         "max_cap_used": 1.0,
     }
     assert "stage 2 converged: NO (3 of 6 runs stopped early" in report.format_summary(s)
+
+
+@pytest.mark.slow
+def test_smoke_with_two_replicates_writes_the_summary_of_its_rows(smoke_run, tmp_path):
+    """Replicate 0 is the smoke graph itself (reused); replicate 1 trains on other pools."""
+    workdir = str(tmp_path / "two")
+    shutil.copytree(smoke_run[0], workdir)
+    c = default.get_config("smoke")
+    c.replicates = 2
+    rows = experiment.run(c, workdir, rt=smoke_run[1])
+    s = report.write_summary(workdir, rows)
+    assert sorted({(r["replicate"], r["seed"], r["data_seed"]) for r in rows}) == [
+        (0, 0, 0),
+        (1, 1, 1),
+    ]
+    with open(os.path.join(workdir, report.SUMMARY)) as f:
+        written = json.load(f)
+    assert written == report.to_json(report.summary(results.load(workdir)))
+    assert written["replicates"] == [0, 1]
+    gap = written["effects"]["music->chem, |D_post| 2.05K"][report.PRIMARY]["effect"]
+    # Each replicate's value recomputed from its own rows of results.jsonl.
+    for r, value in zip(gap["replicates"], gap["values"], strict=True):
+        mine = [x for x in results.load(workdir) if x["replicate"] == r]
+        one = report.compare([x for x in mine if not x["compute_matched"] and x["lam"] != 0.5])
+        assert value == pytest.approx(one["music->chem, |D_post| 2.05K"]["(L_ft, L_ret)"]["gap"])
+    assert report.format_effects(s["effects"]).count(", n = 2") >= 4

@@ -10,7 +10,16 @@ import os
 from retention_jax import fileio
 from retention_jax.results import COMPUTE_MATCHED, LOSSES, method_of
 
-__all__ = ["COMPUTE_MATCHED", "LOSSES", "group", "load", "method", "method_of", "pipeline"]
+__all__ = [
+    "COMPUTE_MATCHED",
+    "LOSSES",
+    "group",
+    "load",
+    "method",
+    "method_of",
+    "pipeline",
+    "replicate",
+]
 
 
 def load(workdir_or_path: str) -> list[dict]:
@@ -27,6 +36,12 @@ def load(workdir_or_path: str) -> list[dict]:
 def method(row: dict) -> str:
     """The row's recorded method, or the one `method_of` gives it."""
     return row.get("method") or method_of(row)
+
+
+def replicate(row: dict) -> int:
+    """The copy of the graph a row belongs to; rows written before replicates were
+    recorded pair by their seed."""
+    return row.get("replicate", row.get("seed", 0))
 
 
 def pipeline(row: dict) -> str:
