@@ -322,3 +322,21 @@ def test_draw_all_writes_what_rows_support(tmp_path):
     assert (tmp_path / "b" / "figures" / "frontiers.pdf").stat().st_size > 0
     paths = figures.draw_all(str(tmp_path / "c"), rows=plain)
     assert [p.rsplit("/", 1)[1] for p in paths][2:] == ["lambda_x-y.png", "lambda_x-y.pdf"]
+
+
+def test_lora_rows_in_the_same_directory_leave_the_lambda_analyses_unchanged():
+    full = synthetic.rows(pipelines=("music->chem",), variants=((0.0, 0.0),))
+    lora = [dict(r, lora_rank=64, L_ret=r["L_ret"] + 1.5, L_im=r["L_im"] + 0.5) for r in full]
+    for r in lora:
+        r["method"] = results.method_of(r)
+    both = full + lora
+    assert {r["method"] for r in lora} == {"mixed+lora", "unmixed+lora"} | {
+        "mixed+lora (compute-matched)",
+        "unmixed+lora (compute-matched)",
+    }
+    post = (1e-3, 16)
+    assert report.lambda_curves(both, post=post) == report.lambda_curves(full, post=post)
+    assert report.forgetting(both) == report.forgetting(full)
+    assert report.to_json(report.summary(both)["settings"]) == report.to_json(
+        report.summary(full)["settings"]
+    )
