@@ -1,7 +1,9 @@
 """The paper's corpora as data-domain configs, and the built-in domains standing for them.
 
-Hub ids are the commonly used ones (the paper names none). ChemPile has several
-configs: set `options.config` to the one you train on.
+Hub ids are the commonly used ones (the paper names none). ChemPile-Education has one
+config per sub-source; the paper treats ChemPile as one domain with 0.3B-token pools, which
+no single sub-source approaches, so every config is read ("*"). docs/science.md gives the
+reasoning and the alternative (chempile-paper).
 """
 
 REAL = {
@@ -11,7 +13,7 @@ REAL = {
         source="hf:jablonkagroup/chempile-education",
         name="chempile",
         text="text",
-        options={"config": ""},
+        options={"config": "*"},
     ),
     "flan": dict(source="hf:Muennighoff/flan", name="flan", text="{inputs}\n{targets}", options={}),
 }

@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 
 import ml_collections as mlc
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from configs import base
+from configs import base, corpora
 from retention_jax import config, data
 from retention_jax.data import sources
 
@@ -316,5 +317,44 @@ def test_chempile_config_offline(hub):
     assert docs[0][0] == "LibreTexts_Chemistry-default/train-00000-of-00001.parquet:0"
     test = dataclasses.replace(chem, options={**chem.options, "split": "test"})
     assert len(list(sources.open_source(test, "data.ft").documents())) == 30
-    with pytest.raises(ValueError, match=r"data.ft.options.config='': not in .*wikibooks-default"):
-        sources.open_source(domain(f"hf:{hub['chem']}", "chempile", config=""), "data.ft")
+
+
+def test_chempile_as_configured_reads_every_config(hub):
+    options = corpora.REAL["chempile"]["options"]
+    assert options == {"config": "*"}
+    every = domain(f"hf:{hub['chem']}", "chempile", **options)
+    keys = [k for k, _ in sources.open_source(every, "data.ft").documents()]
+    assert len(keys) == 120 + 50 and len(set(keys)) == len(keys)
+    assert {k.split("/")[0] for k in keys} == {"LibreTexts_Chemistry-default", "wikibooks-default"}
+    both = domain(
+        f"hf:{hub['chem']}",
+        "chempile",
+        config=["wikibooks-default", "LibreTexts_Chemistry-default"],
+    )
+    assert [k for k, _ in sources.open_source(both, "data.ft").documents()] == keys
+    with pytest.raises(ValueError, match=r"split='test': not in config 'wikibooks-default'"):
+        sources.open_source(domain(f"hf:{hub['chem']}", config="*", split="test"), "data.ft")
+    with pytest.raises(ValueError, match=r"config=\['nope'\]: not in .*allowed: \['Libre"):
+        sources.open_source(domain(f"hf:{hub['chem']}", config=["nope"]), "data.ft")
+
+
+def test_preparation_refuses_an_ambiguous_multi_config_dataset(tmp_path, hub):
+    unset = dict(source=f"hf:{hub['chem']}", name="chempile", text="text", options={})
+    choices = r"\['LibreTexts_Chemistry-default', 'wikibooks-default'\]"
+    with pytest.raises(
+        ValueError,
+        match=r"data.ft.options.config=None: .* has 2 configs and no default, so the choice "
+        rf"is ambiguous; set one, a list, or '\*' for all: {choices}",
+    ):
+        data.prepare(hub_cfg(tmp_path, hub, **{"data.ft": unset}).data, str(tmp_path), {})
+    with pytest.raises(ValueError, match=r"config='': .* has 2 configs and no default"):
+        sources.open_source(domain(f"hf:{hub['chem']}", config=""), "data.ft")
+    # A README that marks a default config names the choice itself.
+    marked = tmp_path / "marked"
+    shutil.copytree(hub["chem"], marked)
+    readme = CHEMPILE_README.replace(
+        "- config_name: wikibooks-default\n", "- config_name: wikibooks-default\n  default: true\n"
+    )
+    (marked / "README.md").write_text(readme)
+    docs = list(sources.open_source(domain(f"hf:{marked}"), "data.ft").documents())
+    assert len(docs) == 50 and docs[0][0].startswith("wikibooks-default/")

@@ -8,6 +8,8 @@
                           from a local directory laid out like the hub repo or from the
                           hub itself at the resolved commit (README.md `configs:`
                           data_files if present, else files whose path names the split).
+                          config may also be a list of configs or "*" (all of them);
+                          unset, a README with several configs and no default is refused.
                           Option use_datasets=True streams it with `datasets` instead.
   tfds:NAME[:SPLIT]       a built TFDS dataset in ArrayRecord format, read by random access
                           (tfds extra); option data_dir
@@ -218,8 +220,14 @@ class _Sequential(Source):
         return self._docs()
 
 
-def _hub_files(fs, root: str, config: str | None, split: str, key: str) -> list[str]:
-    """Files of (config, split) in a directory laid out like a hub dataset repo."""
+def _hub_files(fs, root: str, config, split: str, key: str) -> list[str]:
+    """Files of (config, split) in a directory laid out like a hub dataset repo.
+
+    `config` names one of the README's configs, a list of them, or "*" for all. Left unset,
+    it may stand only for an unambiguous choice: the single config, or the one the README
+    marks as the default. A dataset of several configs without a default is refused, since
+    its configs are usually different sub-corpora and picking one would pick the data.
+    """
     readme = f"{root}/README.md"
     if fs.exists(readme):
         import yaml
@@ -229,23 +237,17 @@ def _hub_files(fs, root: str, config: str | None, split: str, key: str) -> list[
         meta = yaml.safe_load(parts[1]) if len(parts) > 2 else None
         configs = (meta or {}).get("configs") or []
         if configs:
-            names = [c.get("config_name", "default") for c in configs]
-            want = config or "default"
-            if want not in names:
-                raise ValueError(
-                    f"{key}.options.config={config!r}: not in {root}; allowed: {names}"
-                )
-            files = configs[names.index(want)].get("data_files")
-            if isinstance(files, str):
-                files = [{"split": "train", "path": files}]
-            splits = {d["split"]: d["path"] for d in files}
-            if split not in splits:
-                raise ValueError(
-                    f"{key}.options.split={split!r}: not in config {want!r}; "
-                    f"allowed: {sorted(splits)}"
-                )
-            pats = splits[split] if isinstance(splits[split], list) else [splits[split]]
-            return sorted(p for pat in pats for p in fs.glob(f"{root}/{pat}"))
+            by_name = {c.get("config_name", "default"): c for c in configs}
+            return sorted(
+                p
+                for want in _chosen_configs(config, configs, root, key)
+                for p in _config_files(fs, root, by_name[want], want, split, key)
+            )
+    if not isinstance(config, str | None) or config == "*":
+        raise ValueError(
+            f"{key}.options.config={config!r}: {root} lists no configs in a README; "
+            "allowed: one directory name"
+        )
     base = f"{root}/{config}" if config else root
     if config and not fs.isdir(base):
         raise ValueError(f"{key}.options.config={config!r}: no directory {base}")
@@ -255,6 +257,40 @@ def _hub_files(fs, root: str, config: str | None, split: str, key: str) -> list[
         if p.endswith(_EXTS) and split in re.split(r"[^a-zA-Z]+", rel):
             out.append(p)
     return sorted(out)
+
+
+def _chosen_configs(config, configs: list[dict], root: str, key: str) -> list[str]:
+    """The config names `config` selects among a README's `configs` (see `_hub_files`)."""
+    names = [c.get("config_name", "default") for c in configs]
+    if config == "*":
+        return names
+    if not config:
+        default = [c.get("config_name", "default") for c in configs if c.get("default")]
+        default = default or [n for n in names if n == "default"]
+        if len(names) == 1 or default:
+            return default[:1] or names
+        raise ValueError(
+            f"{key}.options.config={config!r}: {root} has {len(names)} configs and no "
+            f"default, so the choice is ambiguous; set one, a list, or '*' for all: {names}"
+        )
+    wanted = [config] if isinstance(config, str) else list(config)
+    for want in wanted:
+        if want not in names:
+            raise ValueError(f"{key}.options.config={config!r}: not in {root}; allowed: {names}")
+    return wanted
+
+
+def _config_files(fs, root: str, entry: dict, name: str, split: str, key: str) -> list[str]:
+    files = entry.get("data_files")
+    if isinstance(files, str):
+        files = [{"split": "train", "path": files}]
+    splits = {d["split"]: d["path"] for d in files}
+    if split not in splits:
+        raise ValueError(
+            f"{key}.options.split={split!r}: not in config {name!r}; allowed: {sorted(splits)}"
+        )
+    pats = splits[split] if isinstance(splits[split], list) else [splits[split]]
+    return [p for pat in pats for p in fs.glob(f"{root}/{pat}")]
 
 
 def _hub_commit(name: str, revision: str | None, spec: str, key: str) -> str:
@@ -277,6 +313,12 @@ def _hf_streamed(name: str, opts: dict, text: str, key: str, spec: str) -> Sourc
         raise ValueError(
             f"{key}.source={spec!r}: reading a hub dataset needs `datasets` (pip install .[hf])"
         ) from e
+    config = opts.get("config")
+    if not isinstance(config, str | None) or config == "*":
+        raise ValueError(
+            f"{key}.options.config={config!r}: `datasets` streams one config at a time; "
+            "read several without use_datasets"
+        )
     local = os.path.isdir(name)
     revision = None if local else _hub_commit(name, opts.get("revision"), spec, key)
 
