@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -148,10 +149,19 @@ def step_functions(
     )
 
 
+def put_host(tree: Any, shardings: Any) -> Any:
+    """Host values (or single-device arrays) as global arrays in `shardings`.
+
+    They pass through NumPy: `jax.device_put` of a single-device jax.Array onto a sharding
+    that spans processes makes an array whose shards hold every device's buffer, which
+    Orbax cannot save (a stage of 0 steps saves its fresh state as it was put)."""
+    return jax.device_put(jax.tree.map(np.asarray, tree), shardings)
+
+
 def fresh_state(fns: StepFunctions, params: nnx.State, schedule: dict) -> train.TrainState:
     """A new optimizer and schedule around `params` (a new stage or a branch)."""
-    hp = jax.device_put(train.hparams(schedule), fns.state_sharding.hp)
-    step = jax.device_put(jnp.zeros((), jnp.int32), fns.state_sharding.step)
+    hp = put_host(train.hparams(schedule), fns.state_sharding.hp)
+    step = put_host(np.zeros((), np.int32), fns.state_sharding.step)
     return train.TrainState(step, params, fns.init_opt(params), hp)
 
 
@@ -170,7 +180,7 @@ class Trainer:
 
     def __init__(self, fns: StepFunctions, executable: Callable, state: train.TrainState, rng):
         self.fns, self.executable, self.state = fns, executable, state
-        self.rng = jax.device_put(rng, fns.state_sharding.step)
+        self.rng = put_host(rng, fns.state_sharding.step)
         self.step = int(jax.device_get(state.step))
 
     def train(self, host_batch: dict) -> dict[str, jax.Array]:
