@@ -49,7 +49,10 @@ GRAPHS = [
       for p in ("musicpile-chempile", "musicpile-flan") for a in early_exposure.ARMS],
     (lambda_sweep, "added", _counts_of(15, 15, 1)),  # 5 λ × 3 pools (Fig. 3a)
     (lambda_sweep, "compute_matched", _counts_of(15, 15, 1)),  # Fig. 3b
+    (lambda_sweep, "added,lr", _counts_of(15, 45, 1)),  # + stage-2 LRs 5e-4 and 5e-3
+    (lambda_sweep, "compute_matched,lr", _counts_of(15, 45, 1)),
     (lambda_sweep, "added,smoke", _counts_of(10, 10, 1)),
+    (lambda_sweep, "added,lr,smoke", _counts_of(10, 30, 1)),
     (lambda_sweep, "compute_matched,smoke", _counts_of(10, 10, 1)),
 ]  # fmt: skip
 
@@ -201,6 +204,18 @@ def test_fig3b_one_pass_in_total():
     assert lambda_sweep.get_config("added").posttrain.warmup_fraction == 0.0
 
 
+@pytest.mark.parametrize("setting", lambda_sweep.SETTINGS)
+def test_fig3_lr_sensitivity_extends_the_main_sweep(setting, capsys):
+    main = experiment.expand(lambda_sweep.get_config(setting))
+    arm = experiment.expand(lambda_sweep.get_config(f"{setting},lr"))
+    assert {n.id for n in main} < {n.id for n in arm}  # one work directory runs both
+    post = [n for n in arm if n.stage == "posttrain"]
+    assert sorted({n.cfg.posttrain.lr for n in post}) == [5e-4, 1e-3, 5e-3]
+    assert {n.cfg.posttrain.batch for n in post} == {192}
+    print(experiment.plan_table(arm))
+    assert "105 nodes" in capsys.readouterr().out  # the dry run shows the arm's cost
+
+
 def test_stage3_grid_spans_the_forgetting_range_and_holds_fig3_lr():
     lrs = paper_135m.STAGE3_LRS
     assert lrs == tuple(sorted(lrs)) and lrs[0] == 1e-6 and lrs[-1] == 1e-3
@@ -217,7 +232,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"ARM one of \['mixing', 'dropout', 'replay', 'lora'\]"):
         paper_135m.get_config("musicpile-chempile,dropout,replay")
     with pytest.raises(
-        ValueError, match=r"config argument 'added,replay': expected NAME\[,smoke\]"
+        ValueError, match=r"'added,replay': expected NAME\[,ARM\]\[,smoke\]; .* \['main', 'lr'\]"
     ):
         lambda_sweep.get_config("added,replay")
 
