@@ -507,17 +507,28 @@ def _phase_default(cfg: Config) -> dict[str, float]:
 
 def _block_tasks(cfg: Config, p: dict) -> tuple[np.ndarray, np.ndarray]:
     """(targets, input variances), task x block, for the point `p` of the diagram."""
-    pre, post, ft = cfg.sigma_inconsistent
-    post = p.get("sigma_post", post)
-    beta, v = p.get("beta", cfg.beta), p.get("v_spec", 1.0)
-    sig = [[cfg.sigma_invariant, inc, b] for inc, b in ((pre, 0.0), (post, beta), (ft, 0.0))]
-    var = [[1.0, 1.0, 0.0], [1.0, 1.0, v], [1.0, 1.0, 0.0]]
+    pre, _, ft = cfg.sigma_inconsistent
+    targets = ((pre, 0.0), (p["sigma_post"], p["beta"]), (ft, 0.0))
+    sig = [[cfg.sigma_invariant, inc, b] for inc, b in targets]
+    var = [[1.0, 1.0, 0.0], [1.0, 1.0, p["v_spec"]], [1.0, 1.0, 0.0]]
     return np.asarray(sig, np.float32), np.asarray(var, np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("steps_pretrain", "k_max", "steps_finetune"))
-def _block_pipeline(sig_Rx3x3, var_Rx3x3, mix_Rx3, t_R, lam_R, k_R, impose_R, lr, *,
-                    steps_pretrain, k_max, steps_finetune):  # fmt: skip
+def _block_pipeline(
+    sig_Rx3x3,
+    var_Rx3x3,
+    mix_Rx3,
+    t_R,
+    lam_R,
+    k_R,
+    impose_R,
+    lr,
+    *,
+    steps_pretrain,
+    k_max,
+    steps_finetune,
+):
     """Per-block scalar dynamics of every run; θ per block after each stage."""
 
     def descend(a_Rx3, grad, steps, active):
@@ -529,8 +540,12 @@ def _block_pipeline(sig_Rx3x3, var_Rx3x3, mix_Rx3, t_R, lam_R, k_R, impose_R, lr
     a = jnp.broadcast_to(jnp.exp(-t_R)[:, None], (t_R.shape[0], 3))
     thetas = [a * a]
     w_Rx3x3 = mix_Rx3[:, :, None] * var_Rx3x3  # stage-1 weight per task and block
-    a = descend(a, lambda th: 2 * jnp.sum(w_Rx3x3 * (th[:, None] - sig_Rx3x3), 1),
-                steps_pretrain, lambda i: True)  # fmt: skip
+    a = descend(
+        a,
+        lambda th: 2 * jnp.sum(w_Rx3x3 * (th[:, None] - sig_Rx3x3), 1),
+        steps_pretrain,
+        lambda i: True,
+    )
     # C.6 imposed: the mixed model leaves stage 1 with its inconsistent block unlearned
     # (Thm C.10), at its initial value (exactly 0 would be a saddle GD never leaves).
     a = a.at[:, 1].set(jnp.where(impose_R, jnp.exp(-t_R), a[:, 1]))
@@ -542,8 +557,12 @@ def _block_pipeline(sig_Rx3x3, var_Rx3x3, mix_Rx3, t_R, lam_R, k_R, impose_R, lr
         lambda i: (i < k_R)[:, None],
     )
     thetas.append(a * a)
-    a = descend(a, lambda th: 2 * var_Rx3x3[:, 2] * (th - sig_Rx3x3[:, 2]), steps_finetune,
-                lambda i: True)  # fmt: skip
+    a = descend(
+        a,
+        lambda th: 2 * var_Rx3x3[:, 2] * (th - sig_Rx3x3[:, 2]),
+        steps_finetune,
+        lambda i: True,
+    )
     thetas.append(a * a)
     return jnp.stack(thetas, 1)  # R x stage x block
 
@@ -592,7 +611,6 @@ def phase_points(cfg: Config, points: Sequence[dict], c6: str = "dropped") -> di
         "L_ret_unmixed": l_ret[unmixed],
         "delta_mixed": (l_ret - l_im)[mixed],
         "delta_unmixed": (l_ret - l_im)[unmixed],
-        "spec_after_pretrain_mixed": th[mixed, 1, 2],
     }
     out["d_delta"] = out["delta_mixed"] - out["delta_unmixed"]
     out["d_ret"] = out["L_ret_mixed"] - out["L_ret_unmixed"]
@@ -700,8 +718,8 @@ def draw_phase(diagram: dict[str, Any]) -> Figure:
                     ax.contour(cx, cy, m, levels=[0.5], colors="g", linestyles=ls, linewidths=2)
             d = diagram["default"]
             if d[x] in p["x"] and d[y] in p["y"]:
-                ax.plot(p["x"].index(d[x]) + 0.5, p["y"].index(d[y]) + 0.5, "*", color="gold",
-                        markersize=16, markeredgecolor="k")  # fmt: skip
+                at = (p["x"].index(d[x]) + 0.5, p["y"].index(d[y]) + 0.5)
+                ax.plot(*at, "*", color="gold", markersize=16, markeredgecolor="k")
             ax.set_xticks(np.arange(len(p["x"])) + 0.5, [f"{v:g}" for v in p["x"]])
             ax.set_yticks(np.arange(len(p["y"])) + 0.5, [f"{v:g}" for v in p["y"]])
             ax.set_xlabel(_AXIS[x])
