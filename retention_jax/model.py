@@ -203,7 +203,7 @@ class Transformer(nnx.Module):
 
         impl = attention_impl(cfg, L)
         unroll = layer_unroll(cfg)
-        _log_choice(cfg.scan_layers, unroll, impl, jax.default_backend())
+        _log_choice(cfg.scan_layers, unroll, impl, sharding.platform())
         cos_TxE, sin_TxE = _rope(positions_BxL.reshape(B * L), cfg.head_dim, cfg.rope_base)
         inputs = LayerInputs(
             _mask(impl, segment_ids_BxL), cos_TxE.astype(dtype), sin_TxE.astype(dtype)
@@ -244,7 +244,7 @@ def shard_rows(x: jax.Array) -> jax.Array:
 
 
 def attention_impl(cfg: config.Model, seq_len: int) -> str:
-    """The attention implementation `auto` stands for on this backend.
+    """The attention implementation `auto` stands for on the platform compiled for.
 
     CPU: the einsum path with its hand-written backward pass (head-major batched
     matmuls; faster than autodiff of it and than `jax.nn.dot_product_attention` on
@@ -254,7 +254,7 @@ def attention_impl(cfg: config.Model, seq_len: int) -> str:
     """
     if cfg.attention != "auto":
         return cfg.attention
-    backend = jax.default_backend()
+    backend = sharding.platform()
     if cfg.dropout.attn > 0:
         return "einsum_vjp"
     if backend == "gpu":
@@ -277,7 +277,7 @@ def layer_unroll(cfg: config.Model) -> int:
         return cfg.n_layers
     if cfg.scan_unroll:
         return min(cfg.scan_unroll, cfg.n_layers)
-    return cfg.n_layers if jax.default_backend() == "cpu" else 1
+    return cfg.n_layers if sharding.platform() == "cpu" else 1
 
 
 @functools.cache
@@ -386,7 +386,7 @@ def _splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     local_heads = H // tensor
     mask = splash.MultiHeadMask([splash.CausalMask((L, L))] * local_heads)
     kernel = splash.make_splash_mha(
-        mask=mask, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+        mask=mask, head_shards=1, q_seq_shards=1, interpret=sharding.platform() != "tpu"
     )
 
     def run(q, k, v, seg):  # (b, L, h, E) per shard; the kernel takes heads first

@@ -31,6 +31,15 @@ def make_mesh(sizes: dict, devices: Sequence[jax.Device] | None = None) -> jax.s
     )
 
 
+def platform() -> str:
+    """The platform a program traced now is compiled for: that of the mesh in context (a
+    TPU slice's compile-only devices on a CPU host), else the default backend's. Every
+    backend-dependent choice of the model asks this, so a deviceless TPU compile gets the
+    TPU's choices."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[batch, length] arrays: rows over data×fsdp, length replicated."""
     return NamedSharding(mesh, P(BATCH, None))

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shlex
 import subprocess
+import types
 
 import pytest
 
@@ -157,3 +158,36 @@ def test_tpu_vm_installs_pinned_python_stack_and_runs_detached():
         "setsid nohup bash ~/rj/run.sh > ~/rj/rj-test.$(hostname).log 2>&1 < /dev/null &" in start
     )
     assert start.index("rm -f ~/rj/rc") < start.index("setsid")  # the last exit code is cleared
+
+
+def test_tpu_vm_compiles_for_the_slice_before_creating_it():
+    out = _tpu_vm_dry_run("configs/default.py:smoke", "gs://bucket/w", "--config.seed=3")
+    lines = [x for x in out.splitlines() if x.startswith("+ ")]
+    check = shlex.split(lines[0][2:])
+    assert check[1:] == [
+        "main.py",
+        "--config=configs/default.py:smoke",
+        "--workdir=gs://bucket/w",
+        "--config.seed=3",
+        "--dry_run",
+        "--topology=v5p-64",
+    ]
+    assert lines[1].startswith("+ gcloud compute tpus tpu-vm create")
+
+
+def test_xm_compiles_for_the_tpu_host_before_launching(monkeypatch):
+    """A TPU job's config is compiled for the host's chips (v3-8) first; a GPU's is not."""
+    launch = _launch()
+    checked = []
+    monkeypatch.setattr(launch.topology, "check", lambda cfg, name: checked.append(name))
+    monkeypatch.setattr(launch.topology, "cpu_host", lambda: None)
+    monkeypatch.setattr(launch, "jobs", lambda *a: [])
+    flag = types.SimpleNamespace
+    monkeypatch.setattr(launch, "_CONFIG", flag(value=None))
+    monkeypatch.setattr(launch, "_WORKDIR", flag(value="gs://b/w"))
+    monkeypatch.setattr(launch, "_COUNT", flag(value=8))
+    monkeypatch.setattr(launch, "_DRY_RUN", flag(value=True))
+    for accelerator in ("TPU_V3", "H100"):
+        monkeypatch.setattr(launch, "_ACCELERATOR", flag(value=accelerator))
+        launch.main([])
+    assert checked == ["v3-8"]

@@ -14,7 +14,10 @@ overrides reach every job. `--dry_run` prints the job waves and launches nothing
 Accelerators (what Vertex AI offers through `xm_local.Vertex`, one host per job):
 GPUs P4, T4, P100, V100, A100, A100_80GIB, L4_24TH, H100, H200, B200, and the
 single-host TPUs TPU_V2 and TPU_V3 (8 cores). TPU pod slices (v4, v5e, v5p, v6e, any
-multi-host slice) are not available this way: run them with xm_launch/tpu_vm.sh.
+multi-host slice) are not available this way: run them with xm_launch/tpu_vm.sh. On a TPU,
+every program of the graph is first compiled here for the host's chips (deviceless, with
+libtpu from the tpu extra: `main.py --dry_run --topology`); a program that does not
+compile or fit their HBM stops the launch before any job exists.
 """
 
 import asyncio
@@ -28,11 +31,12 @@ from ml_collections import config_flags
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from retention_jax import config, experiment  # noqa: E402
+from retention_jax import config, experiment, topology  # noqa: E402
 
 GPUS = ("P4", "T4", "P100", "V100", "A100", "A100_80GIB", "L4_24TH", "H100", "H200", "B200")
 TPUS = ("TPU_V2", "TPU_V3")
 TPU_CORES = 8  # a Vertex AI TPU_V2 / TPU_V3 host
+SLICES = {"TPU_V2": "v2-8", "TPU_V3": "v3-8"}  # the host as gcloud names it
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Shared work directory (gs://...).", required=True)
@@ -127,6 +131,9 @@ async def _launch(plan: list[list[Job]], accelerator: str, count: int, base_imag
 def main(argv) -> None:
     del argv
     accelerator = check_accelerator(_ACCELERATOR.value, _COUNT.value)
+    if accelerator in TPUS:  # before any job: refuses a config that does not compile or fit
+        topology.cpu_host()
+        topology.check(_CONFIG.value, SLICES[accelerator])
     config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
     plan = jobs(_CONFIG.value, _WORKDIR.value, config_args)
     for name, wave in zip([experiment.PREPARE, *config.STAGES, "collect"], plan):

@@ -13,11 +13,15 @@
 # slice is preempted (state PREEMPTED/TERMINATED, or it vanished) it recreates the slice
 # and reruns the same command, which resumes (finished nodes are skipped, a killed node
 # continues from its last checkpoint). A run that fails on a healthy slice is relaunched
-# at most TPU_VM_MAX_FAILURES times (default 2). TPU_VM_DRY_RUN=1 prints the run script
-# and the gcloud commands instead of running them. Delete the slice afterwards with:
+# at most TPU_VM_MAX_FAILURES times (default 2). Before any of this, the config is compiled
+# here for ACCELERATOR (main.py --dry_run --topology: every program, deviceless, with
+# libtpu from the tpu extra; $PYTHON, default python3): a program that does not compile
+# or fit the chips' HBM stops the launch before a VM exists. TPU_VM_DRY_RUN=1 prints the
+# run script, the check and the gcloud commands instead of running them. Delete the
+# slice afterwards with:
 #   gcloud compute tpus tpu-vm delete NAME --zone ZONE
 set -euo pipefail
-[ $# -ge 5 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -ge 5 ] || { sed -n '2,24p' "$0"; exit 2; }
 name=$1 zone=$2 accelerator=$3 config=$4 workdir=$5
 shift 5
 version=${TPU_SOFTWARE_VERSION:-v2-alpha-tpuv5}
@@ -28,6 +32,19 @@ dry=${TPU_VM_DRY_RUN:-0}
 # gcloud, or its command line printed (each word shell-quoted) in a dry run.
 g() {
   if [ "$dry" = 1 ]; then printf '+ gcloud'; printf ' %q' "$@"; printf '\n'; else gcloud "$@"; fi
+}
+
+# The deviceless compile of every program for the slice, here, before any VM.
+compile_check() {
+  local root cmd
+  root=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
+  cmd=("${PYTHON:-python3}" main.py --config="$config" --workdir="$workdir" "$@" --dry_run
+    --topology="$accelerator")
+  if [ "$dry" = 1 ]; then printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'; return; fi
+  (cd "$root" && "${cmd[@]}") || {
+    echo "$config does not compile or fit on $accelerator (above); no slice created" >&2
+    exit 1
+  }
 }
 
 # The script every host runs. Arguments are spliced in with printf %q, so any override
@@ -105,11 +122,13 @@ if [ "$dry" = 1 ]; then
   echo "--- constraints.txt"
   cat "$stage/constraints.txt"
   echo "---"
+  compile_check "$@"
   ensure_slice
   launch "$stage"
   exit 0
 fi
 
+compile_check "$@"
 failures=0
 while true; do
   ensure_slice
