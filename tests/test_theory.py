@@ -263,10 +263,12 @@ def test_phase_diagram_reading(phase):
     assert c6.sum() == 5 and min(theory.GRIDS["beta"][i] for i in np.nonzero(c6)[0]) == 2.4
 
 
-def test_phase_command_prints_summary_and_writes_figure(tmp_path, capsys):
-    out = tmp_path / "phase.png"
-    theory.main(["--phase", "--json", f"--out={out}"])
+def test_phase_command_prints_summary_and_the_figure_marks_the_default(phase, capsys):
+    theory.main(["--phase", "--json"])
     printed = json.loads(capsys.readouterr().out)
-    assert len(printed) == len(theory.C6_MODES) * len(theory.PANELS)
-    assert printed["dropped:TxK"]["cells"] == 64
-    assert out.stat().st_size > 50_000
+    assert printed == json.loads(json.dumps(theory.phase_summary(phase)))
+    fig = theory.draw_phase(phase)
+    axes = fig.get_axes()[::2]  # each panel is followed by its colorbar
+    assert len(axes) == 4 * len(theory.PANELS)
+    stars = [ln for ln in axes[0].get_lines() if ln.get_marker() == "*"]
+    assert [(s.get_xdata(), s.get_ydata()) for s in stars] == [(3.5, 4.5)]  # T = 4, K = 100
