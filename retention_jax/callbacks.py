@@ -2,8 +2,9 @@
 
 The loop only trains and calls callbacks; callbacks read the step's `StepInfo` and may
 ask for a checkpoint of this step or for the stage to end after it. Their order is the
-order of their effects: token counts, metrics and progress, evaluation with early
-stopping, checkpointing, then anything a caller adds (a test's fault injection).
+order of their effects: token counts, metrics and progress, validation with early
+stopping, checkpointing, profiling, then anything a caller adds (a test's fault
+injection).
 No callback waits on the device except at its own cadence.
 """
 
@@ -145,6 +146,11 @@ class MetricsLog:
         self.lines.append(json.dumps({"step": step, **scalars}))
         self.writer.write_scalars(step, scalars)
 
+    def write_final(self, step: int, scalars: dict) -> None:
+        """The stage's final evaluations: in the event file only (result.json holds them)."""
+        if self.enabled:
+            self.writer.write_final(step, scalars)
+
     def flush(self) -> None:
         if self.enabled:
             fileio.write_text(self.path, "".join(x + "\n" for x in self.lines))
@@ -249,27 +255,71 @@ class EarlyStopRule:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
 
 
-class EarlyStopping(Callback):
-    """Evaluates D_post every `every` steps and at the end; checkpoints each evaluation,
-    ranking the improving ones, and stops after `patience` evaluations without gain."""
+class Validation(Callback):
+    """The stage's validation curve `val/<domain>`: every domain every `every` steps (0:
+    none) before the last (`finish` evaluates that one). With an early-stopping rule,
+    D_post also every `stop_every` steps and at the end: those evaluations are
+    checkpointed, the improving ones ranked as best candidates, and the stage stops after
+    `patience` evaluations without gain. One evaluation call per step serves both."""
 
     def __init__(
-        self, evaluate_post, rule: EarlyStopRule, every: int, record: Record, log: MetricsLog
+        self,
+        evaluate,
+        every: int,
+        log: MetricsLog,
+        record: Record,
+        rule: EarlyStopRule | None = None,
+        stop_every: int = 0,
     ):
-        self.evaluate_post, self.rule, self.every = evaluate_post, rule, every
-        self.record, self.log = record, log
+        self.evaluate, self.every, self.log, self.record = evaluate, every, log, record
+        self.rule, self.stop_every = rule, stop_every
 
     def after_step(self, info: StepInfo) -> None:
-        if info.step % self.every and info.step != info.num_steps:
+        last = info.step == info.num_steps
+        curve = self.every > 0 and info.step % self.every == 0 and not last
+        stopping = self.rule is not None and (info.step % self.stop_every == 0 or last)
+        if not (curve or stopping):
             return
-        loss = self.evaluate_post()
-        check_finite(info.step, {"val/post": loss})
-        self.record.evals.append([info.step, loss])
-        info.stop = self.rule.update(info.step, loss)
-        self.record.early_stop = self.rule.state()
-        self.log.write(info.step, {"val/post": loss})
-        info.checkpoint = True
-        info.val_loss = loss if self.rule.best_step == info.step else None
+        losses = self.evaluate(data.DOMAINS if curve else ("post",))
+        scalars = {f"val/{d}": v for d, v in losses.items()}
+        check_finite(info.step, scalars)
+        self.log.write(info.step, scalars)
+        if stopping:
+            loss = losses["post"]
+            self.record.evals.append([info.step, loss])
+            info.stop = self.rule.update(info.step, loss)
+            self.record.early_stop = self.rule.state()
+            info.checkpoint = True
+            info.val_loss = loss if self.rule.best_step == info.step else None
+
+
+class Profile(Callback):
+    """A `jax.profiler` trace of steps `first`..`last` into `log_dir`/plugins/profile/,
+    which TensorBoard's profile tab and Perfetto (perfetto_trace.json.gz) read. The trace
+    ends once the last step's results exist, so it holds that step's device work."""
+
+    def __init__(self, log_dir: str, first: int, last: int):
+        self.log_dir, self.first, self.last = log_dir, first, last
+        self.active = False
+
+    def _start(self, next_step: int) -> None:
+        if self.first <= next_step <= self.last and not self.active:
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+            self.active = True
+
+    def on_start(self, trainer) -> None:
+        self._start(trainer.step + 1)
+
+    def after_step(self, info: StepInfo) -> None:
+        if info.step >= self.last and self.active:
+            jax.block_until_ready(info.metrics)
+            self.close()
+        self._start(info.step + 1)
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 class Checkpointing(Callback):
@@ -322,9 +372,6 @@ class Checkpointing(Callback):
     def on_end(self, trainer, info: StepInfo | None) -> None:
         if self.mngr.latest_step() != trainer.step:  # no step ran, or resumed at the end
             self.save(trainer.step, info.metrics if info else None)
-
-    def close(self) -> None:
-        self.log.close()
 
     def save(
         self,

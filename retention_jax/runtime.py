@@ -2,8 +2,9 @@
 
 The mesh and rule table, the step functions and their compiled executables (so the
 whole graph compiles its train step once per shape), compile counts, the measured peak
-FLOP/s and device-resident validation batches. Nothing mutable lives at module level:
-a test builds its own runtime and asserts on it, independent of test order.
+FLOP/s, device-resident validation batches and the tables printed once already. Nothing
+mutable lives at module level: a test builds its own runtime and asserts on it,
+independent of test order.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ class Runtime:
     _executables: dict = dataclasses.field(default_factory=dict)
     _peaks: dict = dataclasses.field(default_factory=dict)
     _eval_batches: dict = dataclasses.field(default_factory=dict)
+    _seen: set = dataclasses.field(default_factory=set)
 
     @classmethod
     def create(cls, mesh_sizes: dict, rules: tuple) -> "Runtime":
@@ -69,3 +71,9 @@ class Runtime:
                 for b in data.validation_batches(corpus, domain, batch)
             ]
         return self._eval_batches[key]
+
+    def first_sight(self, text: str) -> bool:
+        """Whether `text` (a parameter table) is new to this process."""
+        new = text not in self._seen
+        self._seen.add(text)
+        return new

@@ -14,15 +14,17 @@ import os
 from collections.abc import Sequence
 
 import jax
+from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
 from retention_jax import callbacks as cb
-from retention_jax import checkpoint, config, data, evaluate, fileio, trainer
+from retention_jax import checkpoint, config, data, evaluate, fileio, tensorboard, trainer
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
 RESULT = "result.json"
+PARAMETERS = "parameters.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,25 +132,23 @@ def _resume(mngr, fns: trainer.StepFunctions, batches):
     )
 
 
-def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta):
+def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta, log):
     """The stage's callbacks in the order of their effects, and its early-stopping rule."""
     model = exp.model_for(name)
-    log = cb.MetricsLog(run_dir, t.step)
     flops = model_lib.flops_per_token(model, plan.seq_len)
     peak = rt.peak_flops(model.dtype)
     progress = cb.Progress(log, os.path.basename(run_dir), plan, flops, peak, t.step, exp.log_every)
     tokens = cb.TokenCount(record)
     es = exp.posttrain.early_stop
     rule = cb.EarlyStopRule(es.patience, es.min_delta, record.early_stop)
-    steps = [tokens, progress]
-    if exp.early_stopping(name):
+    early = exp.early_stopping(name)
 
-        def post() -> float:
-            return evaluate.losses(rt, t.fns, t.state.params, corpus, ("post",), exp.eval_batch)[
-                "post"
-            ]
+    def losses(domains: tuple[str, ...]) -> dict[str, float]:
+        return evaluate.losses(rt, t.fns, t.state.params, corpus, domains, exp.eval_batch)
 
-        steps.append(cb.EarlyStopping(post, rule, es.every, record, log))
+    validation = cb.Validation(
+        losses, exp.eval_every or exp.ckpt_every, log, record, rule if early else None, es.every
+    )
 
     def items() -> dict:
         return {"params": t.state.params, "optimizer": _optimizer_item(t.state)}
@@ -166,7 +166,28 @@ def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, me
         record,
         {**(meta or {}), "stage": name},
     )
-    return [*steps, saving, cb.Preemption(saving)], rule
+    steps = [tokens, progress, validation, saving]
+    if exp.profile_steps:
+        steps.append(cb.Profile(run_dir, *exp.profile_steps))
+    return [*steps, cb.Preemption(saving)], rule
+
+
+def show_parameters(rt: runtime_lib.Runtime, params, run_dir: str) -> None:
+    """The parameter overview (clu: names, shapes, sizes, shardings, total) in the run
+    directory's parameters.txt; printed in full once per distinct table in this process,
+    as one line after that (a graph's nodes mostly share one model and mesh)."""
+    if jax.process_index() != 0:
+        return
+    pure = nnx.to_pure_dict(params)
+    table = parameter_overview.get_parameter_overview(pure, include_stats="sharding")
+    path = os.path.join(run_dir, PARAMETERS)
+    fileio.write_text(path, table + "\n")
+    name = os.path.basename(run_dir)
+    if rt.first_sight(table):
+        print(f"{name} parameters ({path}):\n{table}", flush=True)
+    else:
+        count = parameter_overview.count_parameters(pure)
+        print(f"{name} parameters: {count:,}, as in the table above ({path})", flush=True)
 
 
 def run(
@@ -202,32 +223,42 @@ def run(
     mngr = checkpoint.manager(os.path.join(run_dir, "ckpt"))
     start = resolve_start(mngr.latest_step(), parent)
     state, record = start_state(start, fns, mngr, batches, exp, name, plan)
+    show_parameters(rt, state.params, run_dir)
     executable = None
     if int(jax.device_get(state.step)) < plan.num_steps:
         executable, record.compiled_s = rt.train_executable(fns, plan.batch, plan.seq_len)
     rng = jax.random.fold_in(jax.random.PRNGKey(exp.stage_seed(name)), config.STAGES.index(name))
     t = trainer.Trainer(fns, executable, state, rng)
-    steps, rule = callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta)
-    early = exp.early_stopping(name)
+    log = cb.MetricsLog(run_dir, t.step)
     try:
-        cb.run_loop(t, batches, [*steps, *extra_callbacks], plan.num_steps, early and rule.stopped)
-    finally:  # a failing stage still commits the checkpoint it was writing
-        mngr.wait_until_finished()
-    mngr.close()
-    result_step = rule.best_step if early and record.evals else t.step
-    return finish(
-        name, exp, run_dir, corpus, rt, t, plan, record, result_step, early and rule.stopped
-    )
+        steps, rule = callbacks(
+            name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta, log
+        )
+        early = exp.early_stopping(name)
+        try:
+            loop = [*steps, *extra_callbacks]
+            cb.run_loop(t, batches, loop, plan.num_steps, early and rule.stopped)
+        finally:  # a failing stage still commits the checkpoint it was writing
+            mngr.wait_until_finished()
+        mngr.close()
+        result_step = rule.best_step if early and record.evals else t.step
+        stopped = early and rule.stopped
+        return finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped, log)
+    finally:
+        log.close()
 
 
-def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped) -> dict:
-    """Evaluates the result step on every domain and writes `result.json` (last)."""
+def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped, log) -> dict:
+    """Evaluates the result step on every domain, logs it as `final/<domain>` at that step
+    and writes `result.json` (last)."""
     params = t.state.params
     if result_step != t.step:
         ckpt = os.path.join(run_dir, "ckpt")
         params = checkpoint.restore_params(ckpt, result_step, t.fns.state_shapes.params)
     val = evaluate.losses(rt, t.fns, params, corpus, data.DOMAINS, exp.eval_batch)
     cb.check_finite(result_step, {f"val/{d}": v for d, v in val.items()})
+    log.write_final(result_step, {f"{tensorboard.FINAL}{d}": v for d, v in val.items()})
+    log.close()
     result = {
         "stage": name,
         "steps": t.step,

@@ -24,6 +24,7 @@ writes them and compaction drops earlier attempts' copies.
 """
 
 import math
+import numbers
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -172,7 +173,7 @@ def _numbers(tree, prefix: str) -> Iterator[tuple[str, float]]:
     if isinstance(tree, Mapping):
         for k, v in tree.items():
             yield from _numbers(v, f"{prefix}/{k}")
-    elif isinstance(tree, bool | int | float) and math.isfinite(tree):
+    elif isinstance(tree, numbers.Real) and math.isfinite(tree):
         yield prefix, float(tree)
 
 

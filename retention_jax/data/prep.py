@@ -154,7 +154,8 @@ def _run_in_worker(j: int, block: int, splits: tuple[str, ...], docs=None) -> di
 
 
 class _Progress:
-    """A progress bar on one line, redrawn at most every 2 s (process 0 prints it)."""
+    """A progress bar on one line with the rate and an ETA at that rate, redrawn at most
+    every 2 s (process 0 prints it)."""
 
     def __init__(self, label: str, total: int):
         self.label, self.total, self.last = label, max(total, 1), time.monotonic()
@@ -168,8 +169,9 @@ class _Progress:
         self.last = time.monotonic()
         bar = "#" * int(30 * min(n / self.total, 1.0))
         rate = n / max(time.monotonic() - self.start, 1e-9)
+        eta = f", ETA {(self.total - n) / rate:,.0f}s" if 0 < n < self.total else ""
         print(
-            f"\r{self.label} [{bar:<30}] {n:,}/{self.total:,} sequences, {rate:,.0f}/s",
+            f"\r{self.label} [{bar:<30}] {n:,}/{self.total:,} sequences, {rate:,.0f}/s{eta:<16}",
             end=end,
             flush=True,
         )
