@@ -1,5 +1,6 @@
 """Every command the docs show dry-runs, in-process: each `python main.py` line of README.md
-and docs/science.md with its flags, and every config (`configs/FILE.py[:ARG]`) they name."""
+and docs/science.md with its flags, and every config with its argument
+(`configs/FILE.py:ARG`) they name, as the science.md table and launcher lines do."""
 
 import ast
 import importlib
@@ -14,6 +15,7 @@ from retention_jax import config, experiment
 ROOT = pathlib.Path(__file__).parent.parent
 DOCS = ("README.md", "docs/science.md")
 SPEC = re.compile(r"configs/([\w.]+)\.py(?::([\w,.\-]+))?")
+RUNNABLE = re.compile(r"configs/[\w.]+\.py:[\w,.\-]+")  # a bare path in prose names a file
 COMMAND = re.compile(r"^(?:.* && )?python main\.py(?P<flags>( .*)?)$")  # a shell line
 DEFAULT_SPEC = "configs/default.py"
 
@@ -38,18 +40,14 @@ def commands() -> list[tuple[str, tuple, str]]:
         text = (ROOT / doc).read_text()
         lines = [COMMAND.match(ln) for ln in text.splitlines()]
         found |= {_main_flags(m["flags"]) for m in lines if m}
-        found |= {(m.group(0), (), "") for m in SPEC.finditer(text)}
-    # Modules the docs name that configs import (corpora.py) are no commands.
-    return sorted(c for c in found if hasattr(_module(c[0]), "get_config"))
-
-
-def _module(spec: str):
-    return importlib.import_module(f"configs.{SPEC.fullmatch(spec)[1]}")
+        found |= {(m.group(0), (), "") for m in RUNNABLE.finditer(text)}
+    return sorted(found)
 
 
 def _load(spec: str):
-    arg = SPEC.fullmatch(spec)[2]
-    return _module(spec).get_config(arg) if arg else _module(spec).get_config()
+    name, arg = SPEC.fullmatch(spec).groups()
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def _literal(value: str):
