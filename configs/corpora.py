@@ -57,3 +57,13 @@ def parse_arg(
         form = "NAME[,ARM][,smoke]" if arms else "NAME[,smoke]"
         raise ValueError(f"config argument {arg!r}: expected {form}; {allowed}")
     return names[0], (chosen[0] if chosen else (arms[0] if arms else "")), smoke
+
+
+def get_config(arg: str = ""):
+    """Refuses to run: this file names corpora for the experiment configs, it is not one."""
+    del arg
+    raise ValueError(
+        "configs/corpora.py names the corpora the experiment configs read; it is not an "
+        "experiment. Run one of: configs/default.py, configs/paper_135m.py:PIPELINE, "
+        f"configs/1b_early_exposure.py:PIPELINE (PIPELINE one of {sorted(PIPELINES)})"
+    )

@@ -11,9 +11,13 @@ The stage table `STAGES` is the one place that says what distinguishes the three
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections as mlc
+
+from retention_jax.errors import MISSING, ConfigError, fail
+
+__all__ = ["ConfigError", "fail"]  # re-exported: every layer's config checks raise them
 
 DOMAINS = ("pre", "post", "ft")  # fixed order: batch["domain"] indexes it
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -24,16 +28,6 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 PACKINGS = ("concat", "first_fit")
 EXPOSURE_MODES = ("add", "replace")
 TOKENIZER_SCHEMES = ("hf", "spm")
-_MISSING = object()
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the key, the value and what is allowed."""
-
-
-def fail(key: str, value: Any, allowed: str) -> NoReturn:
-    shown = "<missing>" if value is _MISSING else repr(value)
-    raise ConfigError(f"config key {key}={shown}: {allowed}")
 
 
 def round_half_up(x: float) -> int:
@@ -295,7 +289,7 @@ class _Section:
     def raw(self, key: str) -> Any:
         self.seen.add(key)
         if key not in self.node:
-            fail(_join(self.path, key), _MISSING, "a required key (see configs/base.py)")
+            fail(_join(self.path, key), MISSING, "a required key (see configs/base.py)")
         return self.node[key]
 
     def key(self, key: str) -> str:
@@ -681,6 +675,15 @@ def _check_budgets(exp: Experiment) -> None:
             ex.window,
             f"a window holding the {e} exposed sequences (it holds {width}); widen it or lower lam",
         )
+    if exp.finetune.tokens < s:  # 0 steps: every leaf would report L_ret = L_im
+        fail("finetune.tokens", exp.finetune.tokens, f"at least data.seq_len={s} (one sequence)")
+    batch_tokens = exp.posttrain.batch * s
+    if not exp.posttrain.compute_matched and exp.posttrain.max_tokens < batch_tokens:
+        fail(
+            "posttrain.max_tokens",
+            exp.posttrain.max_tokens,
+            f"at least one batch of posttrain.batch × data.seq_len = {batch_tokens} tokens",
+        )
     if exp.posttrain.replay > 0 and q == 0:
         fail("posttrain.replay", exp.posttrain.replay, "0 unless pretrain.tokens >= data.seq_len")
 
@@ -734,6 +737,37 @@ def replicate(cfg: mlc.ConfigDict, r: int) -> mlc.ConfigDict:
     return c
 
 
+def pin(cfg: mlc.ConfigDict, overrides: Mapping[str, Any]) -> tuple[mlc.ConfigDict, list[str]]:
+    """The config with every overridden key that a sweep sets pinned to its given value:
+    that sweep axis becomes the one value (and is validated like any other), and a line
+    says so. An override of one key of a linked axis (keys that change together) is
+    refused: pinning it alone would break the link. Other overrides pass unchanged."""
+    out = mlc.ConfigDict(cfg.to_dict())
+    notes = []
+    for path, value in overrides.items():
+        if path.startswith("sweep."):
+            continue
+        for name in STAGES:
+            entries = list(out.sweep[name])
+            for i, (paths, values) in enumerate(entries):
+                linked = isinstance(paths, tuple | list)
+                if linked and path in paths:
+                    fail(
+                        path,
+                        value,
+                        f"not a key of the linked sweep sweep.{name} ({', '.join(paths)}); "
+                        f"override the whole entry with --config.sweep.{name}=...",
+                    )
+                if paths == path:
+                    entries[i] = (path, (value,))
+                    notes.append(
+                        f"--config.{path}={value!r} replaces sweep.{name}'s values "
+                        f"{tuple(values)} for {path}"
+                    )
+            out.sweep[name] = tuple(entries)
+    return out, notes
+
+
 def _has_path(cfg: mlc.ConfigDict, path: str) -> bool:
     node = cfg
     for key in path.split("."):
@@ -752,7 +786,7 @@ def check_sweep(cfg: mlc.ConfigDict) -> None:
     if "sweep" not in cfg or set(cfg.sweep.keys()) != set(STAGES):
         fail(
             "sweep",
-            sorted(cfg.sweep.keys()) if "sweep" in cfg else _MISSING,
+            sorted(cfg.sweep.keys()) if "sweep" in cfg else MISSING,
             f"exactly the sections {STAGES}",
         )
     for name in STAGES:

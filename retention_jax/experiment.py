@@ -26,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from retention_jax import callbacks as cb
-from retention_jax import config, data, fileio, lock, perf, preflight, results, stage
+from retention_jax import config, data, errors, fileio, lock, perf, preflight, results, stage
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
@@ -161,7 +161,11 @@ def select(nodes: list[Node], selector: str) -> list[Node]:
     terms = [t for t in selector.split(",") if t]
     chosen = [n for n in nodes if any(n.id.startswith(t) or n.stage == t for t in terms)]
     if not chosen:
-        raise ValueError(f"select={selector!r} matches no node; ids: {[n.id for n in nodes]}")
+        raise errors.UserError(
+            f"--only={selector}: matches no node; allowed: comma-separated stages "
+            f"({', '.join(config.STAGES)}), '{PREPARE}', or prefixes of the {len(nodes)} node "
+            f"ids (e.g. {nodes[0].id}; --dry_run lists them all)"
+        )
     return chosen
 
 
@@ -333,6 +337,8 @@ def run(
     node that does not depend on it; then `GraphFailed` is raised. A node that failed
     before is not rerun unless `retry_failed`. Preemption and kills are not failures.
     """
+    if devices is not None and (isinstance(devices, bool) or devices < 1):
+        raise errors.UserError(f"--devices={devices}: a positive number of devices")
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
     prep_or_dry = dry_run or only == PREPARE  # neither needs the config's devices here

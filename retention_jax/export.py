@@ -10,25 +10,29 @@ device, replicated.
 """
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from etils import epath
 from jax.sharding import AxisType
 
-from retention_jax import checkpoint, config, fileio, hf, stage
+from retention_jax import checkpoint, config, errors, fileio, hf, stage
 from retention_jax import model as model_lib
 
 
 def find_node(workdir: str, node: str) -> str:
     """The run directory of the node whose id is `node` or starts with it (exactly one)."""
     runs = epath.Path(workdir) / "runs"
-    ids = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+    if not runs.exists():
+        raise errors.UserError(f"--workdir={workdir}: no run directories in it ({runs} missing)")
+    ids = sorted(p.name for p in runs.iterdir())
     matches = [i for i in ids if i == node] or [i for i in ids if i.startswith(node)]
     if len(matches) != 1:
-        raise ValueError(
+        shown = matches if matches else ids[:5] + (["..."] if len(ids) > 5 else [])
+        raise errors.UserError(
             f"--node={node!r}: {'matches several nodes' if matches else 'matches no node'} "
-            f"in {runs}; ids: {matches or ids}"
+            f"of the {len(ids)} in {runs}; ids: {shown}"
         )
     return os.path.join(workdir, "runs", matches[0])
 
@@ -38,7 +42,9 @@ def result_params(run_dir: str) -> tuple[config.Model, dict, object]:
     record = fileio.read_json(os.path.join(run_dir, "config.json"))
     result = stage.read_result(run_dir)
     if record is None or result is None:
-        raise ValueError(f"{run_dir}: not a finished node (config.json and result.json needed)")
+        raise errors.UserError(
+            f"{run_dir}: not a finished node (config.json and result.json needed)"
+        )
     identity = record["identity"]
     model_cfg = config.parse_model(identity["model"])
     mesh = jax.make_mesh((1,), ("replica",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
@@ -61,7 +67,11 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every store it opens at INFO
     f = flags.FLAGS
-    out = export_node(f.workdir, f.node, f.out)
+    try:
+        out = export_node(f.workdir, f.node, f.out)
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_USER)
     print(f"wrote {sorted(os.listdir(out))} to {out}")
 
 

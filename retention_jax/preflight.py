@@ -12,12 +12,14 @@ import uuid
 
 from etils import epath
 
+from retention_jax.errors import UserError
+
 # Bytes per parameter in one checkpoint: float32 parameters plus Adam's two float32 moments.
 PARAM_BYTES = 4
 ADAM_BYTES = 8
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """A job that would fail later; the message says what to change."""
 
 

@@ -16,6 +16,7 @@ from retention_jax import (
     checkpoint,
     config,
     data,
+    errors,
     experiment,
     runtime,
     sharding,
@@ -232,7 +233,7 @@ def test_select_nodes():
     nodes = experiment.expand(default.get_config("smoke"))
     assert len(experiment.select(nodes, "finetune")) == 12
     assert experiment.select(nodes, nodes[3].id[:14]) == [nodes[3]]
-    with pytest.raises(ValueError, match="matches no node"):
+    with pytest.raises(errors.UserError, match="--only=nothing: matches no node; allowed: "):
         experiment.select(nodes, "nothing")
 
 

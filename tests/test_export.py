@@ -18,6 +18,7 @@ from retention_jax import (
     checkpoint,
     config,
     data,
+    errors,
     evaluate,
     experiment,
     export,
@@ -158,10 +159,13 @@ def _replicated(model_cfg) -> tuple:
 
 def test_find_node_wants_exactly_one(smoke_workdir, node):
     assert export.find_node(smoke_workdir, node[:12]).endswith(os.path.join("runs", node))
-    with pytest.raises(ValueError, match=r"--node='finetune': matches several nodes"):
+    with pytest.raises(errors.UserError, match=r"--node='finetune': matches several nodes"):
         export.find_node(smoke_workdir, "finetune")
-    with pytest.raises(ValueError, match=r"--node='nothing': matches no node"):
+    with pytest.raises(errors.UserError, match=r"--node='nothing': matches no node"):
         export.find_node(smoke_workdir, "nothing")
+    missing = os.path.join(smoke_workdir, "absent")
+    with pytest.raises(errors.UserError, match=rf"--workdir={missing}: no run directories"):
+        export.find_node(missing, "finetune")
 
 
 def test_init_params_offline_hub_id(tmp_path):
