@@ -29,6 +29,7 @@ from retention_jax import callbacks as cb
 from retention_jax import config, data, errors, fileio, lock, perf, preflight, results, stage
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
+from retention_jax.data import check
 
 # Data keys that change where or how fast data is read, not which tokens: not identity.
 DATA_NOT_IDENTITY = ("workers", "read_threads", "cache_dir")
@@ -293,6 +294,14 @@ def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.
     return corpus
 
 
+def _open_data(nodes: list[Node]) -> list[str]:
+    """Opens every source and tokenizer the nodes read (none tokenized): a bad local path
+    fails the dry run; returns a line per hub id this machine could not reach."""
+    configs = {_data_key(n.exp): n.exp.data for n in nodes}
+    lines = [line for d in configs.values() for line in check.open_all(d)]
+    return [f"data: {len(configs)} data config(s) opened"] + sorted(set(lines))
+
+
 def prepare(nodes: list[Node], workdir: str) -> list[data.Corpus]:
     """The prepare step: every store the nodes read, filled and verified (checksums).
 
@@ -349,6 +358,8 @@ def run(
     todo = select(nodes, only) if only and only != PREPARE else nodes
     if dry_run:
         print(plan_table(todo))
+        for line in _open_data(todo):
+            print(line)
         return []
     rt = rt or runtime_lib.Runtime.create(nodes[0].exp.mesh, nodes[0].exp.rules)
     runs = {n.id: os.path.join(workdir, "runs", n.id) for n in nodes}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from configs import default
-from retention_jax import config, errors
+from retention_jax import config, errors, experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,3 +112,21 @@ def test_ctrl_c_says_what_was_kept(tmp_path):
     assert proc.returncode == 130
     assert "interrupted: finished nodes, committed data shards and every node's last" in err
     assert "Traceback" not in err
+
+
+def test_dry_run_opens_every_source_and_tokenizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    c = default.get_config("smoke")
+    c.data.post.source = f"files:{tmp_path}/none/*.txt"
+    with pytest.raises(errors.UserError, match=r"data.post.source='files:.*': no files match"):
+        experiment.run(c, str(tmp_path / "w"), dry_run=True)
+    c = default.get_config("smoke")
+    c.data.tokenizer = f"hf:{tmp_path}/missing-tokenizer"
+    with pytest.raises(errors.UserError, match=r"data.tokenizer='hf:/.*missing-tokenizer'"):
+        experiment.run(c, str(tmp_path / "w"), dry_run=True)
+    c = default.get_config("smoke")
+    c.data.ft.source = "hf:someone/some-corpus"  # a hub id: left to the prepare step
+    experiment.run(c, str(tmp_path / "w"), dry_run=True)
+    out = capsys.readouterr().out
+    assert "data.ft.source='hf:someone/some-corpus': not checked, the hub is out of reach" in out
+    assert not (tmp_path / "w").exists()
