@@ -294,6 +294,33 @@ def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.
     return corpus
 
 
+def step_memory(node: Node) -> dict[str, int]:
+    """preflight.step_memory of the node's training step on its mesh."""
+    mesh, opt = node.exp.mesh, node.exp.stage(node.stage).optimizer
+    section = node.exp.stage(node.stage)
+    rows = section.batch // (mesh["data"] * mesh["fsdp"]) // opt.microbatches
+    model = node.exp.model_for(node.stage)
+    params = model_lib.count_params(model)
+    shards = mesh["fsdp"] * mesh["tensor"]
+    return preflight.step_memory(model, params, max(rows, 1), node.exp.data.seq_len, shards)
+
+
+def _largest_steps(nodes: list[Node]) -> list[tuple[Node, dict[str, int]]]:
+    """Per stage, the node whose step needs the most memory, with its estimate."""
+    worst = {}
+    for n in nodes:
+        need = step_memory(n)
+        if n.stage not in worst or sum(need.values()) > sum(worst[n.stage][1].values()):
+            worst[n.stage] = (n, need)
+    return list(worst.values())
+
+
+def _memory_knobs(stage_name: str) -> str:
+    return (
+        f"{stage_name}.microbatch_rows (or .microbatches), model.remat, model.loss_chunk, mesh.fsdp"
+    )
+
+
 def _open_data(nodes: list[Node]) -> list[str]:
     """Opens every source and tokenizer the nodes read (none tokenized): a bad local path
     fails the dry run; returns a line per hub id this machine could not reach."""
@@ -358,6 +385,12 @@ def run(
     todo = select(nodes, only) if only and only != PREPARE else nodes
     if dry_run:
         print(plan_table(todo))
+        for n, need in _largest_steps(todo):
+            parts = ", ".join(f"{k} {v / 2**30:.3f}" for k, v in need.items())
+            print(
+                f"memory per device, {n.stage} step (estimate): {sum(need.values()) / 2**30:.3f} "
+                f"GiB ({parts} GiB)"
+            )
         for line in _open_data(todo):
             print(line)
         return []
@@ -366,6 +399,8 @@ def run(
     pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
     if pending:  # before any tokenization or compile
         params = max(model_lib.count_params(n.exp.model) for n in pending)
+        for n, need in _largest_steps(pending):
+            preflight.check_memory(need, f"{n.stage} node {n.id}", _memory_knobs(n.stage))
         preflight.check(workdir, params=params, keep=CHECKPOINTS_KEPT, nodes=len(pending))
     pending_ids = {n.id for n in pending}
     corpora: dict[str, data.Corpus] = {}

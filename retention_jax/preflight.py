@@ -78,6 +78,62 @@ def check_free_space(workdir: str, *, params: int, keep: int, nodes: int) -> tup
     return need, free
 
 
+# Per token and layer, the activation elements a step keeps for its backward pass, by
+# `model.remat` (d: d_model, f: d_mlp): every intermediate (none), the matmul outputs
+# (dots), the layer input (full). Attention probabilities (heads x seq_len) come on top
+# unless the attention is a fused kernel (cudnn, splash) that recomputes them.
+REMAT_ELEMENTS = {"none": (12, 4), "dots": (4, 2), "full": (1, 0)}  # (× d, × f)
+FUSED_ATTENTION = ("cudnn", "splash")
+LOGIT_COPIES = 2  # float32 logits and their gradient
+
+
+def step_memory(model, params: int, rows: int, seq_len: int, shards: int) -> dict[str, int]:
+    """Estimated bytes on one device for one training step of `rows` sequences (one
+    microbatch): `state` = parameters, gradients and Adam's two moments, sharded over
+    `shards` devices (fsdp × tensor); `activations` = what the backward pass keeps
+    (REMAT_ELEMENTS, plus one layer's full set while it is recomputed); `logits`. An
+    estimate to refuse what cannot fit, not a layout: `--topology` compiles the real one."""
+    act = 2 if model.dtype == "bfloat16" else 4
+    weights = 2 if model.param_dtype == "bfloat16" else 4
+    tokens = rows * seq_len
+    d_x, f_x = REMAT_ELEMENTS[model.remat]
+    probs = 0 if model.attention in FUSED_ATTENTION else model.n_heads * seq_len
+    saved = d_x * model.d_model + f_x * model.d_mlp + (probs if model.remat != "full" else 0)
+    full = REMAT_ELEMENTS["none"][0] * model.d_model + 4 * model.d_mlp + probs
+    positions = min(model.loss_chunk, seq_len) if model.loss_chunk else seq_len
+    return {
+        "state": params * (2 * weights + ADAM_BYTES) // shards,
+        "activations": tokens * act * (model.n_layers * saved + full),
+        "logits": rows * positions * model.vocab_size * 4 * LOGIT_COPIES,
+    }
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes one local device can hold, what was measured): the accelerator's limit, or
+    on the CPU the host's RAM shared by its (possibly fake) devices."""
+    import jax  # here: the other checks need no JAX
+
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{dev.device_kind} memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // jax.local_device_count(), f"host RAM / {jax.local_device_count()} devices"
+
+
+def check_memory(need: dict[str, int], where: str, knobs: str) -> None:
+    """Refuses a step whose estimate exceeds the device's memory, with the numbers."""
+    have, what = device_memory()
+    total = sum(need.values())
+    if total > have:
+        parts = " + ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items())
+        raise PreflightError(
+            f"{where}: a training step needs about {total / 2**30:.2f} GiB per device "
+            f"({parts} GiB, estimated), {have / 2**30:.2f} GiB available ({what}); "
+            f"lower {knobs}"
+        )
+
+
 def check(
     workdir: str,
     *,

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from retention_jax import preflight
+from configs import default, paper_1b
+from retention_jax import config, experiment, preflight
 
 
 def test_writable_workdir_is_created_and_left_clean(tmp_path):
@@ -63,3 +64,29 @@ def test_check_runs_every_check(tmp_path):
         nodes=8,
     )
     assert os.listdir(tmp_path / "w") == []
+
+
+def test_step_memory_counts_state_activations_and_logits():
+    model = config.parse_model(paper_1b.get_config().model)  # bf16, remat dots, loss chunks
+    need = preflight.step_memory(model, 1_029_917_376, rows=8, seq_len=1024, shards=8)
+    assert need["state"] == 1_029_917_376 * (2 * 4 + 8) // 8  # fp32 weights and grads, Adam
+    d, f, h = model.d_model, model.d_mlp, model.n_heads
+    per_layer = 4 * d + 2 * f + h * 1024  # matmul outputs and attention probabilities
+    one_layer = 12 * d + 4 * f + h * 1024
+    assert need["activations"] == 8 * 1024 * 2 * (24 * per_layer + one_layer)
+    assert need["logits"] == 8 * 256 * 49_152 * 4 * 2
+    # Within 10% of what the compiled step lays out (docs: 1.44 + 20.1 GiB per device).
+    assert abs(sum(need.values()) / 2**30 - 21.5) / 21.5 < 0.1
+
+
+def test_a_model_too_large_for_the_devices_is_refused_before_any_data(tmp_path):
+    c = default.get_config("smoke")
+    c.model.update(d_model=2048, n_heads=16, n_kv_heads=16, head_dim=128, d_mlp=8192)
+    c.model.n_layers = 24  # about 1.6B parameters: 26 GB of weights and Adam state alone
+    workdir = tmp_path / "w"
+    with pytest.raises(preflight.PreflightError) as e:
+        experiment.run(c, str(workdir))
+    msg = str(e.value)
+    assert "a training step needs about" in msg and "GiB per device" in msg
+    assert "lower pretrain.microbatch_rows (or .microbatches), model.remat" in msg
+    assert not (workdir / "data_cache").exists()  # refused before preparing data
