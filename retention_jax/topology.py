@@ -16,6 +16,7 @@ host). Per-device figures (HBM, FLOPs) are a chip's, or a TensorCore's on v2/v3.
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import NoReturn
 
 import jax
 
-from retention_jax import config, data, sharding, trainer
+from retention_jax import config, data, experiment, sharding, trainer
 from retention_jax import model as model_lib
 
 GIB = 2**30
@@ -63,6 +64,7 @@ CHIPS = {
 }
 CHIPS_PER_HOST = 4
 SINGLE_HOST_2D = 8  # v5e/v6e slices of up to 8 chips are one host
+MAX_2D = 256  # a full v5e/v6e pod: 16x16 chips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +98,13 @@ class Slice:
 
 
 def _grid(chips: int, dims: int) -> tuple[int, ...] | None:
-    """Cloud TPU's slice shape for `chips` (a power of two): from the single host's 2x2
-    (x1), the last of the shortest axes doubles (16 → 2x2x4, 32 → 2x4x4, 64 → 4x4x4)."""
-    if chips < 1 or chips & (chips - 1):
+    """Cloud TPU's slice shape for `chips` (a power of two): from one host's 2x2 (x1), the
+    last of the shortest axes doubles (16 → 2x2x4, 32 → 2x4x4, 64 → 4x4x4). 2-D slices
+    (v5e, v6e, v2, v3) also come as one chip and end at 16x16."""
+    if chips < 1 or chips & (chips - 1) or (dims == 2 and chips > MAX_2D):
         return None
     if chips < 4:
-        return (1,) * (dims - 1) + (chips,) if dims == 2 and chips == 1 else None
+        return (1, 1) if dims == 2 and chips == 1 else None
     grid = [2, 2] + [1] * (dims - 2)
     while math.prod(grid) < chips:
         shortest = min(grid)
@@ -120,9 +123,9 @@ def parse(accelerator: str) -> Slice:
         config.fail(
             "--topology",
             accelerator,
-            "a Cloud TPU accelerator type: v2-N, v3-N, v4-N or v5p-N (N TensorCores, 2 a "
-            "chip, N ≥ 8), "
-            "v5litepod-N / v5e-N or v6e-N (N chips: 1, 4, 8, 16, ... 256); N a power of two",
+            "a Cloud TPU accelerator type: v2-N, v3-N, v4-N or v5p-N (N TensorCores, two "
+            "a chip, N ≥ 8) or v5litepod-N / v5e-N / v6e-N (N chips: 1, 4, 8, ... 256); "
+            "N a power of two",
         )
     single = chip.cores_in_name == 1 and chips <= SINGLE_HOST_2D
     hosts = 1 if single else max(1, chips // CHIPS_PER_HOST)
@@ -145,9 +148,7 @@ def devices(s: Slice) -> list[jax.Device]:
 
 
 def libtpu_available() -> bool:
-    from jax._src import xla_bridge
-
-    return xla_bridge.get_tpu_library_path() is not None
+    return importlib.util.find_spec("libtpu") is not None
 
 
 _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -182,6 +183,7 @@ class Hlo:
 
 
 def analyse_hlo(hlo: str) -> Hlo:
+    """FLOPs, HBM traffic, collectives and Mosaic kernels of one compiled HLO module."""
     comps: dict[str, list[tuple]] = {}
     name = entry = None
     for line in hlo.splitlines():
@@ -405,8 +407,6 @@ def compile_graph(cfg, s: Slice, log: Callable[[str], None] = print) -> tuple[li
     """Compiles each distinct program of `cfg`'s graph for slice `s`: a train step per
     (model, optimizer, batch) and an evaluation step per model, with the config's mesh,
     rules and microbatches resolved for the slice's chips. Returns them and the mesh."""
-    from retention_jax import experiment  # experiment runs graphs: import at the call
-
     nodes = experiment.expand(cfg, s.n_devices)
     exp0 = nodes[0].exp
     _check_hosts(nodes, s)
@@ -496,9 +496,10 @@ def _size(b: float) -> str:
 def table(programs: list[Program], s: Slice) -> str:
     """Per chip: HBM, FLOPs, collectives, kernels, roofline time and MFU of each program."""
     cap = s.chip.hbm_bytes
+    w = max(len(p.name) for p in programs)
     lines = [
         s.describe(),
-        f"{'program':<22} {'nodes':>5} {'rows':>5} {'micro':>5} {'args':>6} {'temp':>6} "
+        f"{'program':<{w}} {'nodes':>5} {'rows':>5} {'micro':>5} {'args':>6} {'temp':>6} "
         f"{'out':>6} {'HBM GiB':>8} {'use':>5} {'TFLOP':>8} {'roofline':>9} {'MFU':>5} "
         f"{'compile':>7}  attention",
     ]
@@ -506,7 +507,7 @@ def table(programs: list[Program], s: Slice) -> str:
         kernels = p.hlo.mosaic_calls
         mosaic = f"{p.attention} (Mosaic ×{kernels})" if kernels else p.attention
         lines.append(
-            f"{p.name:<22} {p.nodes:>5} {p.rows:>5} {p.microbatches:>5} "
+            f"{p.name:<{w}} {p.nodes:>5} {p.rows:>5} {p.microbatches:>5} "
             f"{_gib(p.argument_bytes):>6} {_gib(p.temp_bytes):>6} "
             f"{_gib(p.output_bytes - p.alias_bytes):>6} {_gib(p.hbm_bytes):>8} "
             f"{p.hbm_bytes / cap:>5.0%} {p.flops / 1e12:>8.2f} "
@@ -514,7 +515,7 @@ def table(programs: list[Program], s: Slice) -> str:
             f"{p.compile_s:>6.0f}s  {mosaic}"
         )
         parts = [f"{op} ×{c} {_size(b)}" for op, (c, b) in p.hlo.collectives.items()]
-        lines.append(f"{'':<22} collectives a call: " + (", ".join(parts) or "none"))
+        lines.append(f"{'':<{w}} collectives a call: " + (", ".join(parts) or "none"))
     lines.append(
         "Per chip and call. HBM: arguments + temporaries + outputs not donated (XLA's memory "
         "analysis). TFLOP: the compiled matmuls, loops counted their trip count times, plus "

@@ -44,7 +44,9 @@ def test_accelerator_names_map_to_slices(name, kind, grid, chips, devices, hosts
     assert s.topology_name == f"{kind}:{'x'.join(map(str, grid))}"
 
 
-@pytest.mark.parametrize("name", ["v5p-4", "v5p-12", "v5e-2", "v5e-3", "v7-8", "tpu", "v4-8x"])
+@pytest.mark.parametrize(
+    "name", ["v5p-4", "v5p-12", "v5e-2", "v5e-3", "v5e-512", "v7-8", "tpu", "v4-8x"]
+)
 def test_unknown_slices_are_refused(name):
     with pytest.raises(config.ConfigError, match=rf"--topology={name!r}: a Cloud TPU"):
         topology.parse(name)
