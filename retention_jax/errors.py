@@ -22,3 +22,7 @@ class ConfigError(UserError, ValueError):
 def fail(key: str, value: Any, allowed: str) -> NoReturn:
     shown = "<missing>" if value is MISSING else repr(value)
     raise ConfigError(f"config key {key}={shown}: {allowed}")
+
+
+class DataError(UserError, ValueError):
+    """A source document that cannot be read; the message names the file and where in it."""

@@ -282,8 +282,13 @@ def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.
     if key not in cache:
         plans = [data.plan(m.stage, m.exp) for m in pending if _data_key(m.exp) == key]
         local = "://" not in workdir
-        cache[key] = data.prepare(node.exp.data, workdir, data.needs_of(plans), build=local)
+        try:
+            cache[key] = data.prepare(node.exp.data, workdir, data.needs_of(plans), build=local)
+        except Exception as e:  # every node reading these stores fails the same way
+            cache[key] = e
     corpus = cache[key]
+    if isinstance(corpus, Exception):
+        raise corpus
     if corpus.vocab_size > node.exp.model.vocab_size:
         config.fail(
             "model.vocab_size",
@@ -416,7 +421,14 @@ def run(
             progress.skip(n)
             continue
         progress.begin(n)
-        corpus = _corpus(n, pending, workdir, corpora)
+        try:  # bad data fails the nodes that read it; the rest of the graph runs
+            corpus = _corpus(n, pending, workdir, corpora)
+        except Exception as e:
+            if _disk_full(e):
+                raise DiskFull(f"the work directory is full while preparing data: {e}") from e
+            failures[n.id] = _record_failure(runs[n.id], n, e)
+            progress.end(n)
+            continue
         _check_identity(
             runs[n.id], {"identity": n.identity, "data_fingerprint": corpus.fingerprint}
         )

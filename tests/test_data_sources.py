@@ -358,3 +358,42 @@ def test_preparation_refuses_an_ambiguous_multi_config_dataset(tmp_path, hub):
     (marked / "README.md").write_text(readme)
     docs = list(sources.open_source(domain(f"hf:{marked}"), "data.ft").documents())
     assert len(docs) == 50 and docs[0][0].startswith("wikibooks-default/")
+
+
+def _jsonl(path, bad: bytes, at: int = 200, n: int = 401) -> None:
+    lines = [json.dumps({"text": f"document {i}: " + "la " * 40}).encode() for i in range(n)]
+    lines[at] = bad
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (b'{"text": "a\x01 control character"}', "JSONDecodeError: Invalid control character"),
+        (b'{"text": "caf\xe9"}', "UnicodeDecodeError"),
+        (b'{"body": "no text field"}', "field 'text' missing"),
+    ],
+)
+def test_a_bad_document_is_named_and_fails_only_the_nodes_that_read_it(tmp_path, bad, what):
+    from configs import default
+    from retention_jax import errors, experiment
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _jsonl(corpus / "music.jsonl", bad)
+    c = default.get_config("smoke")
+    c.data.post.source = f"files:{corpus}/*.jsonl"
+    workdir = tmp_path / "w"
+    with pytest.raises(experiment.GraphFailed) as e:
+        experiment.run(c, str(workdir))
+    failures = e.value.failures
+    assert len(failures) == 21  # 3 pretraining nodes fail, their 18 descendants are skipped
+    first = next(v for v in failures.values() if "skipped" not in v)
+    assert first.startswith("DataError: data.post.")
+    raw = (corpus / "music.jsonl").read_bytes().split(b"\n")
+    offset = sum(len(line) + 1 for line in raw[:200])
+    assert f"music.jsonl, the line at byte {offset}" in first  # the 201st line
+    assert what in first
+    assert issubclass(errors.DataError, errors.UserError)
+    stores = os.listdir(workdir / "data_cache")
+    assert [s[: s.index("-")] for s in stores] == ["pre"]  # no orphan D_post store

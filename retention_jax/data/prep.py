@@ -365,6 +365,13 @@ def store_path(cache: str, domain: str, cfg: Data, content: str) -> str:
     return os.path.join(cache, f"{domain}-{name}-{content}")
 
 
+def _remove_if_empty(path: epath.Path) -> None:
+    """Removes a store that a failed prepare left without one committed shard (its
+    manifest and temporary files only), so failed attempts leave no orphans behind."""
+    if not any(store.committed(str(path), sp) for sp in SPLITS):
+        path.rmtree(missing_ok=True)
+
+
 def prepare(
     cfg: Data, root: str, needs: dict[str, int], *, build: bool = True, verify: bool = False
 ) -> Corpus:
@@ -390,7 +397,11 @@ def prepare(
                 fileio.write_json(str(p / "manifest.json"), _manifest(src, tok, cfg, d, content))
             if "://" not in path:
                 _clean_stale(p)
-            entries = fill(path, src, cfg, d, want, cfg.workers)
+            try:
+                entries = fill(path, src, cfg, d, want, cfg.workers)
+            except Exception:
+                _remove_if_empty(p)
+                raise
         else:
             entries = {sp: store.committed(path, sp) for sp in SPLITS}
         short = {sp: sum(e["sequences"] for e in entries[sp]) for sp in SPLITS}

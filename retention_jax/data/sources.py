@@ -45,6 +45,7 @@ from collections.abc import Iterator
 
 from retention_jax import config, fileio
 from retention_jax.data import builtin
+from retention_jax.errors import DataError
 
 SCHEMES = ("builtin", "files", "hf", "tfds", "seqio")
 _EXTS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
@@ -64,10 +65,30 @@ def parse(source: str, key: str) -> tuple[str, str]:
     return scheme, arg
 
 
+def _json(line: bytes | str, key: str, spec: str, where: str) -> dict:
+    """One JSON line; a malformed or non-UTF-8 one named by file and place (DataError)."""
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{key}.source={spec!r}: {where}: not a JSON line ({type(e).__name__}: {e}); "
+            f"it begins {bytes(line[:60]) if isinstance(line, bytes) else line[:60]!r}"
+        ) from None
+
+
+def _utf8(raw: bytes, key: str, spec: str, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{key}.source={spec!r}: {where}, byte {e.start}: not UTF-8 text ({e.reason})"
+        ) from None
+
+
 def _text_of(record: dict, text: str, key: str, where: str) -> str:
     def get(field):
         if field not in record:
-            raise ValueError(
+            raise DataError(
                 f"{key}.text={text!r}: field {field!r} missing in {where}; fields: {sorted(record)}"
             )
         v = record[field]
@@ -165,7 +186,7 @@ class FileSource(Source):
         if kind == "txt":
             for p in self.paths[a:b]:
                 with self._open(p) as f:
-                    yield f"{self._rel(p)}:0", f.read().decode("utf-8")
+                    yield f"{self._rel(p)}:0", _utf8(f.read(), self.key, self.spec, self._rel(p))
             return
         path = self.paths[i]
         rel = self._rel(path)
@@ -179,10 +200,12 @@ class FileSource(Source):
             for j, rec in enumerate(rows):
                 yield f"{rel}:{first + j}", _text_of(rec, self.text, self.key, rel)
         elif kind == "whole":
-            with self._open(path) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            with self._open(path) as raw, gzip.open(raw, "rb") as f:
                 for j, line in enumerate(f):
                     if line.strip():
-                        yield f"{rel}:{j}", _text_of(json.loads(line), self.text, self.key, rel)
+                        where = f"{rel}, line {j + 1}"
+                        rec = _json(line, self.key, self.spec, where)
+                        yield f"{rel}:{j}", _text_of(rec, self.text, self.key, where)
         else:  # the lines that start in [a, b)
             with self._open(path) as f:
                 f.seek(max(a - 1, 0))
@@ -194,8 +217,9 @@ class FileSource(Source):
                     if not line:
                         break
                     if line.strip():
-                        rec = json.loads(line)
-                        yield f"{rel}:b{at}", _text_of(rec, self.text, self.key, rel)
+                        where = f"{rel}, the line at byte {at}"
+                        rec = _json(line, self.key, self.spec, where)
+                        yield f"{rel}:b{at}", _text_of(rec, self.text, self.key, where)
                     at += len(line)
 
 
