@@ -8,7 +8,8 @@ The default's stage 1 (164K prose tokens) with λ ∈ {0, 1} and pools |D_post| 
 3.3% at 135M and 1.5% at 1B). Stage 2 is the default's added arm at LR 3e-3 (early
 stopping every 8 steps, patience 3), stage 3 the default's learning rates; the 8K
 nodes are the default's own (same ids), so a shared work directory reuses them. Each
-pool is its own group in the frontier comparison and its own line in the λ figure.
+pool is its own group in the frontier comparison and its own line in the λ figure. Like
+the default it runs 3 replicates, so every pool's effects come with their intervals.
 """
 
 from configs import default
