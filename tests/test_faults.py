@@ -1,4 +1,4 @@
-"""Faults with real processes and signals: preemption, a damaged checkpoint, a second
+"""Faults with real processes and signals: preemption, damaged checkpoints, a second
 process on a running node, a failing node among siblings, an unwritable work directory.
 
 Each compares with the uninterrupted smoke experiment (tests/conftest.py): the same
@@ -14,10 +14,14 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import default
 from retention_jax import callbacks, checkpoint, experiment, preflight, sharding, stage, trainer
@@ -61,13 +65,18 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def _params(run_dir: str, step: int, node: experiment.Node):
+def _shapes(node: experiment.Node):
+    """The node's parameters as a restore target (shapes and shardings)."""
     e = node.exp
     fns = trainer.step_functions(
         e.model_for(node.stage), e.stage(node.stage).optimizer, sharding.make_mesh(e.mesh), e.rules
     )
+    return fns.state_shapes.params
+
+
+def _params(run_dir: str, step: int, node: experiment.Node):
     ckpt = os.path.join(run_dir, "ckpt")
-    return jax.device_get(checkpoint.restore_params(ckpt, step, fns.state_shapes.params))
+    return jax.device_get(checkpoint.restore_params(ckpt, step, _shapes(node)))
 
 
 def _same_result(smoke_workdir: str, workdir: str, node: experiment.Node) -> None:
@@ -181,7 +190,7 @@ def test_a_child_of_a_parent_trained_on_other_tokens_is_refused(smoke_workdir, t
         experiment.run(default.get_config("smoke"), str(tmp_path), only=post.id)
     why = e.value.failures[post.id]
     assert f"parent {post.parent.id} trained on data 0123456789abcdef" in why and ours in why
-    assert not os.path.exists(tmp_path / "runs" / post.id / "ckpt")  # nothing trained
+    assert os.listdir(tmp_path / "runs" / post.id / "ckpt") == []  # nothing trained
 
 
 # main.py, SIGKILLed by itself at the n-th write-open of a path matching a pattern
@@ -318,3 +327,179 @@ def test_a_disk_full_mid_run_stops_the_graph_and_the_rerun_resumes(smoke_workdir
     rc, out = _finish(_start(workdir, node.id, "--config.ckpt.every=4"))
     assert rc == 0 and "resumed at step" in out, out[-3000:]
     _same_result(smoke_workdir, workdir, node)
+
+
+def _data_file(item_dir: str) -> str:
+    """The largest data file of a checkpoint item (Orbax's OCDBT `d/` files)."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(item_dir) for f in fs]
+    return max(
+        (f for f in files if os.path.basename(os.path.dirname(f)) == "d"), key=os.path.getsize
+    )
+
+
+def _flip_finite(ckpt: str, step: int, target) -> tuple[str, int]:
+    """Flips one bit of the step's parameter data such that Orbax restores it without an
+    error as finite values of which some changed: damage that only a checksum can see.
+    Tries bytes from the middle of the largest data file on (the values are zstd frames:
+    some flips break a frame, some change values to NaN); returns the file and the number
+    of values changed."""
+    path = _data_file(os.path.join(ckpt, str(step), "params"))
+    mngr = checkpoint.manager(ckpt, read_only=True)
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    good = jax.device_get(mngr.restore(step, args=args).params)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    for offset in range(len(data) // 2, len(data) // 2 + 64):
+        data[offset] ^= 1
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            raw = jax.device_get(mngr.restore(step, args=args).params)
+        except Exception:  # a broken frame: not the damage sought here
+            raw = None
+        if raw is not None:
+            pairs = list(zip(jax.tree.leaves(raw), jax.tree.leaves(good)))
+            changed = sum(int((a != b).sum()) for a, b in pairs)
+            if changed and all(np.isfinite(a).all() for a, _ in pairs):
+                mngr.close()
+                return path, changed
+        data[offset] ^= 1
+    raise AssertionError(f"no flip in {path} restores as changed finite values")
+
+
+def _flip_bytes(item_dir: str, nbytes: int = 1000) -> str:
+    """Inverts `nbytes` bytes in the middle of the item's largest data file (a disk error)."""
+    path = _data_file(item_dir)
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for k in range(nbytes):
+            data[len(data) // 2 + k] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    return path
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def test_a_flipped_bit_fails_its_checksum_and_the_step_is_set_aside(tmp_path):
+    """A real bit flip in an Orbax data file, which Orbax restores as wrong finite values
+    without a word: the checksums name the step, the item and the array, and the step is
+    set aside so that the resumed run can save it again. Then 1,000 inverted bytes."""
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    w = jax.random.normal(jax.random.key(0), (256, 1024))
+    params = {"w": jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))}
+    opt = {"step": jax.device_put(np.int32(7), NamedSharding(mesh, P()))}
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpt = str(tmp_path / "ckpt")
+    mngr = checkpoint.manager(ckpt)
+    for step in (4, 8):
+        checkpoint.save(mngr, step, params=params, optimizer=opt, data_iter=it, meta={})
+    mngr.wait_until_finished()
+    t = time.perf_counter()
+    for _ in range(10):
+        checkpoint.checksums(params)
+    print(f"checksums of 1 MiB of parameters: {(time.perf_counter() - t) * 100:.2f} ms")
+
+    _, changed = _flip_finite(ckpt, 8, _abstract(params))
+    assert changed >= 1
+    with pytest.raises(checkpoint.Damaged) as e:
+        checkpoint.restore_params(ckpt, 8, _abstract(params))
+    assert str(e.value) == (
+        f"{ckpt}/8/params: 1 of 1 arrays differ from the checksums saved with them (['w'])"
+    )
+    assert os.path.isdir(os.path.join(ckpt, "8"))  # a read-only restore moves nothing
+
+    targets = dict(params=_abstract(params), optimizer=_abstract(opt), data_iter=it)
+    with pytest.raises(checkpoint.Damaged) as e:
+        checkpoint.restore(mngr, 8, **targets)
+    assert str(e.value).endswith(f"(['w']); set aside as {ckpt}/8{checkpoint.DAMAGED}")
+    assert mngr.all_steps() == [4] and os.path.isdir(f"{ckpt}/8{checkpoint.DAMAGED}")
+    restored, _, _ = checkpoint.restore(mngr, 4, **targets)
+    np.testing.assert_array_equal(jax.device_get(restored["w"]), np.asarray(w))
+    checkpoint.save(mngr, 8, params=params, optimizer=opt, data_iter=it, meta={})
+    mngr.wait_until_finished()  # the step saved again, as the resumed run does
+    assert mngr.all_steps() == [4, 8]
+
+    _flip_bytes(os.path.join(ckpt, "8", "params"))
+    with pytest.raises(checkpoint.Damaged, match=f"^{ckpt}/8/params: 1 of 1 arrays differ"):
+        checkpoint.restore_params(ckpt, 8, _abstract(params))
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_in_the_latest_step_falls_back_to_the_step_before(smoke_workdir, tmp_path):
+    """A node killed after a periodic save; one bit of that step's parameters flipped
+    (finite values): the rerun names the step and array, sets it aside, resumes from the
+    step before, saves the same step again and ends bit-identical."""
+    node = _node("pretrain")
+    workdir = str(tmp_path / "w")
+    proc = _start(workdir, node.id, "--config.ckpt.every=4")
+    _wait_for(proc, rf"{node.id} step 16/")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    ckpt = os.path.join(workdir, "runs", node.id, "ckpt")
+    *_, previous, latest = checkpoint.manager(ckpt).all_steps()
+    _flip_finite(ckpt, latest, _shapes(node))
+
+    t = time.monotonic()
+    rc, out = _finish(_start(workdir, node.id, "--config.ckpt.every=4"))
+    assert rc == 0, out[-3000:]
+    print(f"rerun after a flipped bit in the latest step: {time.monotonic() - t:.1f} s")
+    assert f"{ckpt}: step {latest} cannot be restored (Damaged: {ckpt}/{latest}/params: 1 of" in out
+    assert f"set aside as {ckpt}/{latest}{checkpoint.DAMAGED}); trying the one before" in out
+    assert f"resumed at step {previous}" in out and "NonFinite" not in out
+    _same_result(smoke_workdir, workdir, node)
+    assert os.path.isdir(os.path.join(ckpt, f"{latest}{checkpoint.DAMAGED}"))  # kept to inspect
+
+
+def _matched(lam: float) -> experiment.Node:
+    nodes = experiment.expand(default.get_config("smoke"))
+    return next(
+        n
+        for n in nodes
+        if n.stage == "posttrain"
+        and n.exp.posttrain.compute_matched
+        and n.exp.pretrain.exposure.lam == lam
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["one finite bit", "1000 bytes"])
+def test_a_damaged_parent_result_fails_the_child_naming_parent_step_and_remedy(
+    smoke_workdir, tmp_path, damage
+):
+    """The child (the compute-matched post-training node at λ = 0: one step) fails before
+    training, naming the parent, its result step, the damaged item and the remedy; never
+    a non-finite loss. Following the remedy gives the undamaged results."""
+    post = _matched(0.0)
+    parent_dir = str(tmp_path / "runs" / post.parent.id)
+    shutil.copytree(os.path.join(smoke_workdir, "runs", post.parent.id), parent_dir)
+    ckpt = os.path.join(parent_dir, "ckpt")
+    step = stage.read_result(parent_dir)["result_step"]
+    if damage == "one finite bit":
+        _flip_finite(ckpt, step, _shapes(post.parent))
+    else:
+        _flip_bytes(os.path.join(ckpt, str(step), "params"))
+
+    rc, out = _finish(_start(str(tmp_path), post.id))
+    assert rc == 1, out[-3000:]
+    assert (
+        f"parent {parent_dir} finished, but its result step {step} cannot be restored from "
+        f"{ckpt} (Damaged: {ckpt}/{step}/params: " in out
+    )
+    assert "differ from the checksums saved with them" in out
+    assert f"rerun the parent: remove {parent_dir}/{stage.RESULT} and run the same command" in out
+    assert "NonFinite" not in out
+    assert os.listdir(tmp_path / "runs" / post.id / "ckpt") == []  # nothing trained
+    if damage != "one finite bit":
+        return
+    os.remove(os.path.join(parent_dir, stage.RESULT))  # the remedy
+    t = time.monotonic()
+    proc = _start(str(tmp_path), f"{post.parent.id},{post.id}", "--retry_failed")
+    rc, out = _finish(proc, timeout=900)
+    assert rc == 0, out[-3000:]
+    print(f"the parent and the child rerun after the remedy: {time.monotonic() - t:.1f} s")
+    assert f"set aside as {ckpt}/{step}{checkpoint.DAMAGED}" in out
+    _same_result(smoke_workdir, str(tmp_path), post.parent)
+    _same_result(smoke_workdir, str(tmp_path), post)
