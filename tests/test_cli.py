@@ -32,7 +32,7 @@ def _main(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--config.foo=1"], "error: --config.foo=1: AttributeError"),
         (["--config.finetune.lr=abc"], "error: flag --config.finetune.lr=abc: could not convert"),
         (["--config=configs/nope.py"], "error: --config=configs/nope.py: OSError"),
-        (["--config=configs/default.py:big"], "variant 'big' unknown; allowed: '' | 'smoke'"),
+        (["--config=configs/default.py:big"], "variant 'big' unknown; allowed: '' | 'replica"),
         (["--config=configs/corpora.py"], "configs/corpora.py names the corpora"),
         (["--config.finetune.lr=-1.0"], "error: config key finetune.lr=-1.0: a number in (0, 1]"),
         (["--config.seed=4294967296"], "error: config key seed=4294967296: an integer in [0"),

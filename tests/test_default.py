@@ -26,6 +26,8 @@ def _post_results(workdir: str, cfg) -> dict:
 def test_default_graph_sizes_follow_the_protocol():
     every = experiment.expand(default.get_config())
     assert sorted({n.replicate for n in every}) == [0, 1, 2]
+    more = experiment.expand(default.get_config("replicates"))
+    assert len(more) == 8 * 48 and {n.id for n in every} < {n.id for n in more}
     nodes = [n for n in every if n.replicate == 0]
     by_stage = {s: [n for n in nodes if n.stage == s] for s in config.STAGES}
     assert [len(v) for v in by_stage.values()] == [3, 9, 36]
@@ -46,7 +48,7 @@ def test_default_graph_sizes_follow_the_protocol():
 
 
 def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="variant 'big' unknown; allowed: '' | 'smoke'"):
+    with pytest.raises(ValueError, match="variant 'big' unknown; allowed: '' | 'replicates'"):
         default.get_config("big")
 
 
@@ -220,4 +222,6 @@ def test_smoke_with_two_replicates_writes_the_summary_of_its_rows(smoke_run, tmp
         mine = [x for x in results.load(workdir) if x["replicate"] == r]
         one = report.compare([x for x in mine if not x["compute_matched"] and x["lam"] != 0.5])
         assert value == pytest.approx(one["music->chem, |D_post| 2.05K"]["(L_ft, L_ret)"]["gap"])
-    assert report.format_effects(s["effects"]).count(", n = 2") >= 4
+    lines = report.format_effects(s["effects"]).splitlines()
+    at = next(line for line in lines if "L_ret gap at stage-3 LR 0.0001" in line)
+    assert at.endswith(", n = 2") or ", n = 2;" in at  # both replicates, paired
