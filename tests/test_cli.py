@@ -130,3 +130,24 @@ def test_dry_run_opens_every_source_and_tokenizer(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert "data.ft.source='hf:someone/some-corpus': not checked, the hub is out of reach" in out
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_document_fails_its_nodes_without_a_traceback(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f'{{"text": "document {i}: {"la " * 40}"}}' for i in range(401)]
+    lines[200] = '{"text": "a\x01 control character"}'
+    (corpus / "music.jsonl").write_text("\n".join(lines) + "\n")
+    workdir = tmp_path / "w"
+    done = _main(
+        "--config=configs/default.py:smoke",
+        f"--config.data.post.source=files:{corpus}/*.jsonl",
+        f"--workdir={workdir}",
+    )
+    assert done.returncode == 1
+    assert "FAILED: DataError: data.post.source=" in done.stdout
+    assert "music.jsonl, the line at byte" in done.stdout
+    assert "21 node(s) did not finish" in done.stderr  # 3 failed, their 18 descendants skipped
+    assert "Traceback" not in done.stdout + done.stderr
+    assert len(list((workdir / "runs").glob("*/failed.json"))) == 3
