@@ -99,7 +99,7 @@ def main(argv):
 def _run() -> None:
     import jax  # imported here: `--help` and flag errors answer without loading jax
 
-    from retention_jax import callbacks, config, experiment, sharding, topology
+    from retention_jax import callbacks, config, experiment, sharding, tensorboard, topology
     from retention_jax.analysis import figures, report
 
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
@@ -137,10 +137,13 @@ def _run() -> None:
     except experiment.GraphFailed as e:
         failed, rows = e, e.rows
     if rows and jax.process_index() == 0:
-        print(report.table(rows))
-        print(report.format_summary(report.write_summary(_WORKDIR.value, rows)))
-        paths = figures.draw_all(_WORKDIR.value)
         workdir = _WORKDIR.value
+        print(report.table(rows))
+        s = report.write_summary(workdir, rows)
+        text = report.format_summary(s)
+        print(text)
+        tensorboard.write_summary(os.path.join(workdir, "runs", "summary"), report.to_json(s), text)
+        paths = figures.draw_all(workdir)
         print(f"results: {os.path.join(workdir, experiment.RESULTS)}")
         print(f"summary: {os.path.join(workdir, report.SUMMARY)}")
         names = ", ".join(os.path.basename(p) for p in paths)

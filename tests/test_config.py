@@ -10,7 +10,7 @@ from retention_jax import config, data, experiment
 
 # (config module, argument, devices it is validated for, nodes in its graph)
 SHIPPED = [
-    (default, "", 8, 3 + 9 + 36),
+    (default, "", 8, 3 * (3 + 9 + 36)),  # 3 replicates
     (default, "smoke", 8, 3 + 6 + 12),
     *[(paper_135m, p, 32, 2 + 30 + 180) for p in corpora.PIPELINES],
     *[(paper_135m, p + ",smoke", 8, 2 + 2 + 4) for p in corpora.PIPELINES],
