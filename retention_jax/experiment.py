@@ -26,7 +26,18 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from retention_jax import callbacks as cb
-from retention_jax import config, data, errors, fileio, lock, perf, preflight, results, stage
+from retention_jax import (
+    config,
+    data,
+    errors,
+    fileio,
+    forecast,
+    lock,
+    perf,
+    preflight,
+    results,
+    stage,
+)
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 from retention_jax.data import check
@@ -35,6 +46,7 @@ from retention_jax.data import check
 DATA_NOT_IDENTITY = ("workers", "read_threads", "cache_dir")
 RESULTS = "results.jsonl"
 PREPARE = "prepare"  # --only=prepare: the data wave
+FORECAST = "forecast"  # --only=forecast: stages 1 and 2 with the probes, then a ranking
 FAILED = "failed.json"
 PLAN_DEVICE, PLAN_MFU = "H100", 0.4  # the dry run's device-hours estimate (a stated rate)
 CHECKPOINTS_KEPT = 2  # per run: the latest and the one before it (or the best step)
@@ -164,8 +176,8 @@ def select(nodes: list[Node], selector: str) -> list[Node]:
     if not chosen:
         raise errors.UserError(
             f"--only={selector}: matches no node; allowed: comma-separated stages "
-            f"({', '.join(config.STAGES)}), '{PREPARE}', or prefixes of the {len(nodes)} node "
-            f"ids (e.g. {nodes[0].id}; --dry_run lists them all)"
+            f"({', '.join(config.STAGES)}), '{PREPARE}', '{FORECAST}', or prefixes of the "
+            f"{len(nodes)} node ids (e.g. {nodes[0].id}; --dry_run lists them all)"
         )
     return chosen
 
@@ -299,22 +311,25 @@ def _corpus(node: Node, pending: list[Node], workdir: str, cache: dict) -> data.
     return corpus
 
 
-def step_memory(node: Node) -> dict[str, int]:
-    """preflight.step_memory of the node's training step on its mesh."""
-    mesh, opt = node.exp.mesh, node.exp.stage(node.stage).optimizer
-    section = node.exp.stage(node.stage)
-    rows = section.batch // (mesh["data"] * mesh["fsdp"]) // opt.microbatches
-    model = node.exp.model_for(node.stage)
-    params = model_lib.count_params(model)
+def step_memory(node: Node, params: int) -> dict[str, int]:
+    """preflight.step_memory of the node's training step on its mesh (`params`: its
+    model's count)."""
+    mesh, section = node.exp.mesh, node.exp.stage(node.stage)
+    rows = section.batch // (mesh["data"] * mesh["fsdp"]) // section.optimizer.microbatches
     shards = mesh["fsdp"] * mesh["tensor"]
+    model = node.exp.model_for(node.stage)
     return preflight.step_memory(model, params, max(rows, 1), node.exp.data.seq_len, shards)
 
 
 def _largest_steps(nodes: list[Node]) -> list[tuple[Node, dict[str, int]]]:
     """Per stage, the node whose step needs the most memory, with its estimate."""
+    counts = {}  # a graph's nodes share a few models: count each once
     worst = {}
     for n in nodes:
-        need = step_memory(n)
+        model = n.exp.model_for(n.stage)
+        if model not in counts:
+            counts[model] = model_lib.count_params(model)
+        need = step_memory(n, counts[model])
         if n.stage not in worst or sum(need.values()) > sum(worst[n.stage][1].values()):
             worst[n.stage] = (n, need)
     return list(worst.values())
@@ -383,11 +398,16 @@ def run(
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths only
     prep_or_dry = dry_run or only == PREPARE  # neither needs the config's devices here
+    if only == FORECAST:
+        cfg = mlc.ConfigDict(cfg.to_dict())
+        cfg.forecast.probes = True
     nodes = expand(cfg, devices_for(cfg, devices) if prep_or_dry else jax.device_count())
     if only == PREPARE and not dry_run:
         prepare(nodes, workdir)
         return []
-    todo = select(nodes, only) if only and only != PREPARE else nodes
+    todo = select(nodes, only) if only and only not in (PREPARE, FORECAST) else nodes
+    if only == FORECAST:
+        todo = [n for n in nodes if n.stage != "finetune"]
     if dry_run:
         print(plan_table(todo))
         for n, need in _largest_steps(todo):
@@ -403,7 +423,7 @@ def run(
     runs = {n.id: os.path.join(workdir, "runs", n.id) for n in nodes}
     pending = [n for n in todo if stage.read_result(runs[n.id]) is None]
     if pending:  # before any tokenization or compile
-        params = max(model_lib.count_params(n.exp.model) for n in pending)
+        params = max(model_lib.count_params(m) for m in {n.exp.model for n in pending})
         for n, need in _largest_steps(pending):
             preflight.check_memory(need, f"{n.stage} node {n.id}", _memory_knobs(n.stage))
         preflight.check(workdir, params=params, keep=CHECKPOINTS_KEPT, nodes=len(pending))
@@ -437,6 +457,9 @@ def run(
             failures[n.id] = why
         progress.end(n)
     rows = collect(workdir, nodes)
+    if only == FORECAST and jax.process_index() == 0:
+        posts = [n for n in todo if n.stage == "posttrain"]
+        print(forecast.ranking({n.id: stage.read_result(runs[n.id]) for n in posts}))
     if failures:
         raise GraphFailed(failures, rows)
     return rows
@@ -549,7 +572,8 @@ def collect(workdir: str, nodes: list[Node]) -> list[dict]:
         swept = {k: v for n in lineage for k, v in n.swept.items()}
         by_stage = {n.stage: finished[n.id] for n in lineage}
         params = model_lib.count_params(leaf.exp.model)
-        rows.append(results.row(ids, leaf.exp, swept, by_stage, params, leaf.replicate))
+        row = results.row(ids, leaf.exp, swept, by_stage, params, leaf.replicate)
+        rows.append({**row, "forecast": by_stage["posttrain"].get("forecast")})
     if jax.process_index() == 0:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         fileio.write_text(os.path.join(workdir, RESULTS), text)
