@@ -1,6 +1,8 @@
 """Deviceless TPU compiles: the graph's programs compiled for real Cloud TPU slices by
 libtpu on this CPU (skipped when libtpu, the `tpu` extra, is absent)."""
 
+import math
+
 import jax
 import pytest
 
@@ -135,3 +137,22 @@ def test_model_choices_follow_the_mesh_platform():
 
 def model_choices(m: config.Model) -> tuple[str, int]:
     return model.attention_impl(m, 128), model.layer_unroll(m)
+
+
+@pytest.mark.parametrize(
+    "lhs, rhs, out, attrs, contracted",
+    [  # batched matmuls as XLA:TPU writes them: (B, K) as dilated, or padded, windows
+        (
+            [8, 2, 2, 128, 32],
+            [8, 2, 128, 32, 1],
+            [8, 2, 2, 128, 128],
+            "window={size=8x2x1 stride=7x1x1 lhs_dilate=8x2x1}, dim_labels=012bf_01oi2->012bf",
+            32,
+        ),
+        ([512, 128, 1], [128, 4, 32], [512, 4, 32], "window={size=4 pad=3_3 rhs_reversal=1}, "
+         "dim_labels=bf0_i0o->b0f", 128),
+        ([1024, 384], [384, 128], [1024, 128], "dim_labels=bf_io->bf", 384),
+    ],
+)  # fmt: skip
+def test_convolution_flops_skip_padding_and_dilation_holes(lhs, rhs, out, attrs, contracted):
+    assert topology._conv_macs(lhs, rhs, out, attrs) == math.prod(out) * contracted
