@@ -13,6 +13,7 @@ Not run by itself: `configs/default.py` is the built-in experiment. Keys:
   sweep       per stage, (dotted config path, values) pairs; the graph is their product
   eval, ckpt, log   evaluation size and period, checkpoint period, logging period
   profile     a jax.profiler trace of a window of steps in every node that runs them
+  forecast    probes of θ_post that forecast L_ret, at the end of every post-training node
 """
 
 import ml_collections as mlc
@@ -124,4 +125,15 @@ def get_config() -> mlc.ConfigDict:
     c.ckpt = dict(every=200, every_minutes=30.0)  # steps; and wall time (0: steps only)
     c.log = dict(every=20)
     c.profile = dict(steps=(0, 0))  # (first, last): trace these steps into each run directory
+    # The retention forecast (docs/forecast.md): probes of θ_post written into the
+    # post-training node's result.json before its children run, on `rows` rows of the first
+    # validation batch of D_post and D_ft, at every stage-3 LR the sweep gives.
+    c.forecast = dict(
+        probes=True,
+        rows=8,  # of the first validation batch of each domain (a divisor of eval.batch)
+        power_iters=5,  # power iterations for the top Hessian eigenvalue
+        hutchinson=2,  # Rademacher samples of the Hessian trace
+        lookahead=0.25,  # the lookahead's steps: this fraction of stage 3 (at least one)
+        seed=0,  # the power iteration's start and the Rademacher draws
+    )
     return c

@@ -194,6 +194,19 @@ class Finetune:
 
 
 @dataclasses.dataclass(frozen=True)
+class Forecast:
+    """The retention forecast's probes at θ_post (retention_jax/forecast.py)."""
+
+    probes: bool  # computed at the end of every post-training node
+    rows: int  # rows of the first validation batch of D_post and of D_ft
+    power_iters: int  # power iterations for the top Hessian eigenvalue
+    hutchinson: int  # Rademacher samples of the Hessian trace
+    lookahead: float  # k: this fraction of the stage-3 steps (at least one)
+    seed: int
+    lrs: tuple[float, ...]  # the graph's stage-3 LRs (sweep.finetune's finetune.lr)
+
+
+@dataclasses.dataclass(frozen=True)
 class Domain:
     source: str
     name: str
@@ -238,6 +251,7 @@ class Experiment:
     ckpt_every: int
     ckpt_every_minutes: float  # > 0: also checkpoint after this much wall time
     log_every: int
+    forecast: Forecast
     eval_every: int = 0  # validation of every domain; 0: at each ckpt_every
     profile_steps: tuple[int, int] | None = None  # (first, last) step traced, inclusive
 
@@ -634,12 +648,35 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
         log_every=lg.int("every", 1),
         eval_every=ev.int("every", 0),
         profile_steps=_profile_steps(pr),
+        forecast=_forecast(root.section("forecast"), cfg, finetune.optimizer.lr),
     )
     for s in (ev, ck, lg, pr):
         s.done()
     root.done(extra=("sweep", "replicates", "replicate_pools"))
     _check_budgets(exp)
     return exp
+
+
+def _forecast(s: _Section, cfg: mlc.ConfigDict, ft_lr: float) -> Forecast:
+    """The forecast section; its LRs are those sweep.finetune gives finetune.lr (or the
+    one finetune.lr)."""
+    lrs = (ft_lr,)
+    for paths, values in cfg.sweep.finetune if "sweep" in cfg else ():
+        if paths == "finetune.lr":
+            lrs = tuple(values)
+        elif isinstance(paths, tuple | list) and "finetune.lr" in paths:
+            lrs = tuple(v[list(paths).index("finetune.lr")] for v in values)
+    f = Forecast(
+        s.bool("probes"),
+        s.int("rows", 1),
+        s.int("power_iters", 1),
+        s.int("hutchinson", 1),
+        s.num("lookahead", 0, 1, open_low=True),
+        s.seed("seed"),
+        tuple(sorted(float(lr) for lr in lrs)),
+    )
+    s.done()
+    return f
 
 
 def _profile_steps(s: _Section) -> tuple[int, int] | None:

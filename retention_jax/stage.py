@@ -19,7 +19,7 @@ from etils import epath
 from flax import nnx
 
 from retention_jax import callbacks as cb
-from retention_jax import checkpoint, config, data, evaluate, fileio, tensorboard, trainer
+from retention_jax import checkpoint, config, data, evaluate, fileio, forecast, tensorboard, trainer
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
@@ -249,8 +249,9 @@ def run(
 
 
 def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped, log) -> dict:
-    """Evaluates the result step on every domain, logs it as `final/<domain>` at that step
-    and writes `result.json` (last)."""
+    """Evaluates the result step on every domain, logs it as `final/<domain>` at that step,
+    adds the forecast probes after post-training and writes `result.json` (last), so
+    every child reads them."""
     params = t.state.params
     if result_step != t.step:
         ckpt = os.path.join(run_dir, "ckpt")
@@ -271,6 +272,8 @@ def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped
         "evals": record.evals,
         **record.timing(),
     }
+    if name == "posttrain" and exp.forecast.probes:
+        result["forecast"] = forecast.at_theta_post(rt, t.fns, exp, params, corpus)
     if jax.process_index() == 0:
         fileio.write_json(os.path.join(run_dir, RESULT), result)
     return result
