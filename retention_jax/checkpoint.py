@@ -142,9 +142,12 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
     dst, n = epath.Path(f"{src}{DAMAGED}"), 1
     while dst.exists():
         dst, n = epath.Path(f"{src}{DAMAGED}.{n}"), n + 1
+    many = jax.process_count() > 1
+    if many:  # every process has named the same `dst` before process 0 takes it
+        multihost_utils.sync_global_devices(f"name {src}")
     if jax.process_index() == 0:
         src.rename(dst)
-    if jax.process_count() > 1:
+    if many:
         multihost_utils.sync_global_devices(f"set aside {src}")
     mngr.reload()
     return str(dst)
