@@ -1,5 +1,5 @@
 """The forecast probes against closed forms on a quadratic, their determinism over
-meshes and their place in the smoke run's result files."""
+meshes, their place in the smoke run's result files, and the validation's statistics."""
 
 import os
 
@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as sp
 
 from configs import default
 from retention_jax import config, data, fileio, forecast, runtime, sharding, train, trainer
-from retention_jax.analysis import results
+from retention_jax.analysis import forecast as fc
+from retention_jax.analysis import report, results
 
 # L(θ) = ½ θᵀAθ + bᵀθ: gradient Aθ + b, Hessian A.
 A_POST = np.array([[3.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.5]], np.float32)
@@ -149,3 +151,29 @@ def test_result_files_hold_the_probes_before_any_child_ran(smoke_workdir):
                 assert r["forecast"] == probes
                 child = os.path.join(smoke_workdir, "runs", r["ids"]["finetune"], "config.json")
                 assert os.path.getmtime(path) <= os.path.getmtime(child)
+
+
+def test_rho_equals_scipy_on_the_same_rows(smoke_workdir):
+    rows = results.load(smoke_workdir)
+    v = fc.validate(rows)
+    for lr in {r["ft_lr"] for r in rows}:
+        mine = [r for r in rows if r["ft_lr"] == lr]
+        for name in fc.PREDICTORS:
+            x = [fc.predictor(r, name) for r in mine]
+            y = [r["L_ret"] for r in mine]
+            c = v["L_ret"][lr][name]
+            assert c["rho"] == pytest.approx(sp.spearmanr(x, y).statistic, abs=1e-12)
+            assert c["tau"] == pytest.approx(sp.kendalltau(x, y).statistic, abs=1e-12)
+            assert c["interval_over"] == "nodes" and c["nodes"] == 6
+            lo, hi = c["rho95"]
+            assert -1.0 <= lo <= hi <= 1.0
+    assert v["cost"]["all"]["share_of_stage3"] > 0
+    summary = report.to_json(report.summary(rows))["forecast"]
+    assert summary == report.to_json(v)
+
+
+def test_spearman_shares_ties_and_refuses_constants():
+    assert fc.spearman([1, 2, 2, 3], [4, 3, 3, 1]) == pytest.approx(
+        sp.spearmanr([1, 2, 2, 3], [4, 3, 3, 1]).statistic
+    )
+    assert np.isnan(fc.spearman([1, 1, 1], [1, 2, 3]))

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from retention_jax import fileio
-from retention_jax.analysis import frontier, paper, report, results
+from retention_jax.analysis import forecast, frontier, paper, report, results
 from retention_jax.analysis.results import method, pipeline
 
 PLAIN = ("unmixed", "mixed")
@@ -253,7 +253,8 @@ def draw_all(
 
     frontiers (Fig. 2): any non compute-matched row; fig4, fig5, fig6: a dropout or replay
     arm; lambda_<pipeline>: a setting with at least two λ values, one figure per stage-2
-    setting (suffixed _lr<post_lr>_b<post_batch> when there are several).
+    setting (suffixed _lr<post_lr>_b<post_batch> when there are several); forecast: rows
+    whose post-training node holds probes.
     """
     rows = results.load(workdir) if rows is None else rows
     out = os.path.join(str(workdir), "figures")
@@ -272,4 +273,6 @@ def draw_all(
                 if len(settings) > 1:
                     name += f"_lr{post[0]}_b{post[1]}"
                 paths += save(draw_lambda(mine, reference, post=post), os.path.join(out, name))
+    if any(r.get("forecast") for r in rows):
+        paths += save(forecast.draw(rows), os.path.join(out, "forecast"))
     return paths

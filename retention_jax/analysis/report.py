@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from retention_jax import fileio
-from retention_jax.analysis import frontier, paper, results, stats
+from retention_jax.analysis import forecast, frontier, paper, results, stats
 from retention_jax.analysis.results import group, method, pipeline, replicate
 
 VIEWS = (("L_ft", "L_ret"), ("L_ret", "L_pre"))  # (x, y) projections of the paper's Fig. 2
@@ -419,8 +419,9 @@ def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
     of its L_im over λ,
     "compute_matched": [LambdaPoint], "best_lam": the compute-matched λ of lowest L_ret},
     replicates (those present), frontiers (`compare` of the largest λ against λ 0 on the
-    added arm, both views) and effects (`effects`). The λ readings are means over
-    replicates; the effects carry the per-replicate values.
+    added arm, both views), effects (`effects`) and forecast (`forecast.validate`: the
+    probes' ρ with L_ret against L_im's). The λ readings are means over replicates; the
+    effects carry the per-replicate values.
     """
     if ft_lr is None and _plain(rows):
         ft_lr = reference_ft_lr(_plain(rows))
@@ -451,6 +452,7 @@ def summary(rows: list[dict], ft_lr: float | None = None) -> dict:
         "settings": settings,
         "frontiers": frontiers,
         "effects": effects(rows, frontiers, ft_lr) if ft_lr is not None else {},
+        "forecast": forecast.validate(rows),
     }
 
 
@@ -520,4 +522,6 @@ def format_summary(s: dict) -> str:
     lines.append(format_compare(s["frontiers"]))
     if s["effects"]:
         lines.append(format_effects(s["effects"]))
+    if s.get("forecast"):
+        lines.append(forecast.format_validation(s["forecast"]))
     return "\n".join(lines)
