@@ -25,13 +25,17 @@ DRAWS = 2_000
 LEVEL = 0.95
 
 
-def predictor(row: dict, name: str) -> float:
+def predictor(row: dict, name: str, tgt: str = "L_ret") -> float:
     """The predictor's value for a leaf: L_im, a probe of its post-training node, or the
-    lookahead's forecast at the leaf's stage-3 LR."""
+    lookahead's forecast at the leaf's stage-3 LR (of forgetting: its forecast rise over
+    the L_post it started from)."""
     if name == "L_im":
         return row["L_im"]
-    probe = row["forecast"][name]["value"]
-    return probe[str(float(row["ft_lr"]))] if name == "lookahead" else probe
+    f = row["forecast"]
+    if name != "lookahead":
+        return f[name]["value"]
+    level = f[name]["value"][str(float(row["ft_lr"]))]
+    return level - f["L_post"]["value"] if tgt == "forgetting" else level
 
 
 def target(row: dict, name: str) -> float:
@@ -109,7 +113,9 @@ def validate(rows: list[dict]) -> dict:
                 name: correlation(
                     [
                         (
-                            np.array([predictor(r, name) for r in mine if replicate(r) == rep]),
+                            np.array(
+                                [predictor(r, name, tgt) for r in mine if replicate(r) == rep]
+                            ),
                             np.array([target(r, tgt) for r in mine if replicate(r) == rep]),
                         )
                         for rep in reps
