@@ -4,8 +4,8 @@ They run on the post-training node's mesh (parameters in their train-step shardi
 `forecast.rows` rows of the first validation batch of D_post and of D_ft that the
 runtime already holds. The math is written against loss closures of a parameter tree,
 so the tests check it on a quadratic, where every probe has a closed form; on the model,
-four compiled programs (a loss and gradient, a Hessian-vector step, an alignment and
-the stage-3 AdamW update) are called a fixed number of times.
+five compiled programs (a loss and gradient, a Hessian-vector step, an alignment, the
+stage-3 AdamW update and its init) are called a fixed number of times.
 
 - interference: -⟨∇L_post, ∇L_ft⟩ and minus its cosine. An SGD step -η∇L_ft changes
   L_post by -η⟨∇L_post, ∇L_ft⟩ to first order.
@@ -195,8 +195,8 @@ def probe(
 ) -> dict:
     """Every probe of θ_post = `params` (post-training's model without dropout, on
     `forecast.rows` rows of each batch): its value, FLOPs (compiled cost analysis, times
-    its calls) and seconds. Four programs serve all probes: a loss and gradient, a
-    Hessian-vector step, an alignment and an AdamW update.
+    its calls) and seconds. Five programs serve all probes: a loss and gradient, a
+    Hessian-vector step, an alignment, an AdamW update and its init.
 
     Derivatives are with respect to the base weights (LoRA adapters held fixed: the same
     function, and the gradient of the merged weights)."""
