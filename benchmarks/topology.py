@@ -78,7 +78,7 @@ def rewrite(path: str, entries: list[list[str]]) -> None:
         "of the compiled matmuls, roofline from the chip's peak and HBM bandwidth):"
     )
     block = "\n".join(textwrap.wrap(head, WIDTH) + [line for e in entries for line in e])
-    pattern = re.compile(rf"\n{re.escape(PARAGRAPH)} .*?(?=\n\n|\Z)", re.S)
+    pattern = re.compile(rf"\n{re.escape(PARAGRAPH)} .*?(?=\n\n|\n?\Z)", re.S)
     if pattern.search(doc):
         doc = pattern.sub(lambda _: "\n" + block, doc)
     else:

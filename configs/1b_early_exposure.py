@@ -25,6 +25,31 @@ Stage 1: 19,699,999,744 C4 tokens (+ 299,999,232 D_post at λ = 1), 37,575 / 38,
 512 × 1,024; early stopping ends it sooner), 1.18e19 FLOP per run. Stage 3: 199,999,488
 tokens (382 steps), 1.18e18 FLOP per leaf. Dropout arm: 2 + 12 + 72 = 86 nodes, 4.63e20
 FLOP; replay arm: 2 + 10 + 60 = 72 nodes, 4.25e20 FLOP (1% of stage 2 is C4).
+
+Compiled for Cloud TPU (deviceless, libtpu; `python benchmarks/topology.py` writes this
+paragraph; per device, arguments and temporaries from XLA's memory analysis, FLOPs of the
+compiled matmuls, roofline from the chip's peak and HBM bandwidth):
+1b_early_exposure:musicpile-chempile,dropout on v5p-64 (v5p:2x4x4, 32 devices, 8 host(s),
+95.74 GiB HBM each; all compiled in 962 s):
+  pretrain+finetune train step, 512 rows in 2 microbatch(es): 1.51 + 10.24 GiB (arguments +
+    temporaries, 12% of HBM), 99.8 TFLOP, roofline 218 ms, MFU 97%, splash attention in
+    Mosaic; collectives all-gather ×692, all-reduce ×403, all-to-all ×2, collective-permute
+    ×144.
+  eval step, 512 rows in 1 microbatch(es): 0.50 + 0.98 GiB (arguments + temporaries, 2% of
+    HBM), 32.4 TFLOP, roofline 70 ms, MFU 100%, splash attention in Mosaic; collectives all-
+    gather ×173, all-reduce ×26.
+  posttrain train step, 512 rows in 2 microbatch(es): 1.51 + 12.07 GiB (arguments +
+    temporaries, 14% of HBM), 106.8 TFLOP, roofline 321 ms, MFU 66%, einsum_vjp attention;
+    collectives all-gather ×692, all-reduce ×403, all-to-all ×2, collective-permute ×144.
+  eval step, 512 rows in 1 microbatch(es): 0.50 + 4.29 GiB (arguments + temporaries, 5% of
+    HBM), 33.7 TFLOP, roofline 96 ms, MFU 74%, einsum_vjp attention; collectives all-gather
+    ×173, all-reduce ×26.
+  posttrain train step, 512 rows in 2 microbatch(es): 1.51 + 12.07 GiB (arguments +
+    temporaries, 14% of HBM), 106.8 TFLOP, roofline 321 ms, MFU 66%, einsum_vjp attention;
+    collectives all-gather ×692, all-reduce ×403, all-to-all ×2, collective-permute ×144.
+  eval step, 512 rows in 1 microbatch(es): 0.50 + 4.29 GiB (arguments + temporaries, 5% of
+    HBM), 33.7 TFLOP, roofline 96 ms, MFU 74%, einsum_vjp attention; collectives all-gather
+    ×173, all-reduce ×26.
 """
 
 from configs import base, corpora, paper_1b, paper_135m
