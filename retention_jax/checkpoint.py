@@ -116,8 +116,9 @@ def _verify(where: str, saved: dict, **trees: Any) -> None:
 
 
 def _everywhere(ok: bool) -> bool:
-    """Whether `ok` holds on every process: a file one process cannot read must send all
-    of them down the same path, or they would wait for each other in different programs."""
+    """Whether `ok` holds on every process, so that all take the same path after a read.
+    (A file that only some processes fail to read can still end the job: Orbax's restore
+    synchronises the processes inside, and the failing ones leave it early.)"""
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
