@@ -190,10 +190,16 @@ def runs(tmp_path_factory) -> dict[str, str]:
     return {"single": single, "pair": pair, "killed": killed}
 
 
+def _nodes(workdir: str) -> list[str]:
+    """The node run directories under `<workdir>/runs` (beside TensorBoard's summaries)."""
+    names = os.listdir(os.path.join(workdir, "runs"))
+    return sorted(n for n in names if n.startswith(("pretrain-", "posttrain-", "finetune-")))
+
+
 def _checksums(workdir: str) -> dict[str, dict]:
     """Every node's result step as the checksums of its parameters and optimizer state."""
     out = {}
-    for node in os.listdir(os.path.join(workdir, "runs")):
+    for node in _nodes(workdir):
         run = os.path.join(workdir, "runs", node)
         with open(os.path.join(run, "result.json")) as f:
             step = json.load(f)["result_step"]
@@ -234,7 +240,7 @@ def test_only_process_0_writes_results_metrics_and_figures(runs):
     }
     assert figures and all(os.path.exists(os.path.join(pair, p)) for p in figures)
     assert "results.jsonl" in w0
-    runs_dirs = sorted(os.listdir(os.path.join(pair, "runs")))
+    runs_dirs = _nodes(pair)
     assert len(runs_dirs) == 22
     for node in runs_dirs:
         for name in ("metrics.jsonl", "result.json", "config.json"):
