@@ -99,11 +99,13 @@ def test_dry_run_lists_nodes_and_budgets(capsys):
         "finetune"
     ] * 12
     lam1 = next(line for line in lines if '"pretrain.exposure.lam": 1.0' in line)
-    # steps, warmup, microbatches, pre, post, ft tokens
-    assert lam1.split()[2:8] == ["33", "4", "1", "65,536", "2,048", "0"]
+    # replicate, steps, warmup, microbatches, pre, post, ft tokens
+    assert lam1.split()[2:9] == ["0", "33", "4", "1", "65,536", "2,048", "0"]
     lam0 = next(line for line in lines if '"pretrain.exposure.lam": 0.0' in line)
-    assert lam0.split()[2:8] == ["32", "4", "1", "65,536", "0", "0"]
+    assert lam0.split()[2:9] == ["0", "32", "4", "1", "65,536", "0", "0"]
     assert "21 nodes" in out
+    assert "memory per device, posttrain step (estimate): " in out
+    assert "data: 1 data config(s) opened" in out
     assert not os.path.exists("/nonexistent")
 
 
