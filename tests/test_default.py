@@ -222,6 +222,16 @@ def test_smoke_with_two_replicates_writes_the_summary_of_its_rows(smoke_run, tmp
         mine = [x for x in results.load(workdir) if x["replicate"] == r]
         one = report.compare([x for x in mine if not x["compute_matched"] and x["lam"] != 0.5])
         assert value == pytest.approx(one["music->chem, |D_post| 2.05K"]["(L_ft, L_ret)"]["gap"])
-    lines = report.format_effects(s["effects"]).splitlines()
-    at = next(line for line in lines if "L_ret gap at stage-3 LR 0.0001" in line)
-    assert at.endswith(", n = 2") or ", n = 2;" in at  # both replicates, paired
+    at = s["effects"]["music->chem, |D_post| 2.05K"]["L_ret gap at stage-3 LR 0.0001"]["effect"]
+    want = {}  # per replicate: unmixed minus mixed L_ret, where both converged
+    for r in range(2):
+        l_ret = {
+            x["lam"]: x["L_ret"]
+            for x in rows
+            if x["replicate"] == r and x["ft_lr"] == 1e-4 and not x["compute_matched"]
+            if not report.cap_hit(x)
+        }
+        if 0.0 in l_ret and 1.0 in l_ret:
+            want[r] = l_ret[0.0] - l_ret[1.0]
+    assert dict(zip(at.replicates, at.values, strict=True)) == pytest.approx(want)
+    assert "L_ret gap at stage-3 LR 0.0001" in report.format_effects(s["effects"])
