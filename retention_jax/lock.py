@@ -158,7 +158,9 @@ def _read(files: _Files, path: str) -> Owner | None:
     return Owner(**json.loads(got))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host: a dead one's lock or temporary files are
+    stale at once, without waiting for a timeout."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -194,7 +196,7 @@ class RunLock:
 
     def stale(self, other: Owner) -> bool:
         """Whether `other` has gone: dead pid on this host, or a heartbeat past the timeout."""
-        if other.host == self.owner.host and other.pid > 0 and not _pid_alive(other.pid):
+        if other.host == self.owner.host and other.pid > 0 and not pid_alive(other.pid):
             return True
         return other.age() > self.timeout_s
 

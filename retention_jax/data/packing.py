@@ -17,27 +17,6 @@ import numpy as np
 KEYS = ("inputs", "targets", "segment_ids", "positions")  # the arrays of a packed row
 
 
-class ConcatPacker:
-    """Accumulates documents; `take(n)` returns the flat token array for n sequences."""
-
-    def __init__(self, seq_len: int):
-        self.seq_len, self._parts, self.tokens = seq_len, [], 0
-
-    def add(self, doc: np.ndarray) -> None:
-        self._parts.append(doc)
-        self.tokens += len(doc)
-
-    def sequences(self) -> int:
-        return max(0, (self.tokens - 1) // self.seq_len)
-
-    def flush(self) -> None:
-        pass
-
-    def take(self, n: int) -> dict:
-        flat = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
-        return {"tokens": flat[: n * self.seq_len + 1] if n else flat[:0]}
-
-
 class FirstFitPacker:
     """First-fit packing of document pieces into rows with segment ids and positions."""
 
@@ -93,5 +72,28 @@ class FirstFitPacker:
             self._close_oldest()
 
 
-def make_packer(packing: str, seq_len: int):
-    return ConcatPacker(seq_len) if packing == "concat" else FirstFitPacker(seq_len)
+def pack(packing: str, docs: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, int, int]:
+    """A shard's array of `docs` (each ending in EOS) packed by `packing`, with its number
+    of rows and of target tokens (the store records both)."""
+    if packing == "concat":
+        return _concat(docs, seq_len)
+    return _first_fit(docs, seq_len)
+
+
+def _concat(docs: list[np.ndarray], s: int) -> tuple[np.ndarray, int, int]:
+    """The stream kept to whole rows, rows*s+1 tokens (rows overlap by one token); nothing
+    when it holds less than one row."""
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    rows = max(0, (len(flat) - 1) // s)
+    return (flat[: rows * s + 1] if rows else flat[:0]), rows, rows * s
+
+
+def _first_fit(docs: list[np.ndarray], s: int) -> tuple[np.ndarray, int, int]:
+    """Rows of shape (len(KEYS), s); the targets are the non-padding slots."""
+    packer = FirstFitPacker(s)
+    for d in docs:
+        packer.add(d)
+    packer.flush()
+    got = packer.take(packer.sequences())
+    array = np.stack([got[k] for k in KEYS], axis=1)
+    return array, len(array), int((got["segment_ids"] > 0).sum())

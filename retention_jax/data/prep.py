@@ -35,6 +35,7 @@ from retention_jax.data import sources, store
 from retention_jax.data.permute import derive_key, permute
 from retention_jax.data.store import SPLITS, Corpus, DomainStore, StoreError
 from retention_jax.data.tokenizer import make_tokenizer
+from retention_jax.lock import pid_alive
 
 ENCODE_BATCH = 256  # documents per tokenizer call
 POOL_START_S = 10.0  # work left (in one process) above which starting workers pays
@@ -85,34 +86,12 @@ class _Job:
 
     def run(self, j: int, block: int, splits: tuple[str, ...], docs=None) -> dict:
         """Tokenizes block `block` (or the given documents) into shard j of `splits`."""
-        tok, s = self.tok(), self.seq_len
-        eos = np.asarray([tok.eos_id], np.int32)
-        parts = {sp: [] for sp in splits}
-        n_docs = {sp: 0 for sp in splits}
-        it = iter(docs if docs is not None else self.src.read(block))
-        while batch := [kv for _, kv in zip(range(ENCODE_BATCH), it)]:
-            val = store.is_val([k for k, _ in batch], self.val_fraction)
-            for sp in splits:
-                texts = [t for (_, t), v in zip(batch, val, strict=True) if v == (sp == "val")]
-                for ids in tok.encode_batch(texts) if texts else ():
-                    parts[sp].append(np.concatenate([ids, eos]))
-                n_docs[sp] += len(texts)
-        wide = tok.vocab_size > 65536 or s > 65535
+        parts, n_docs = self._tokenize(docs if docs is not None else self.src.read(block), splits)
+        wide = self.tok().vocab_size > 65536 or self.seq_len > 65535
         dtype = np.int32 if wide else np.uint16
         out = {}
         for sp in splits:
-            if self.packing == "concat":
-                flat = np.concatenate(parts[sp]) if parts[sp] else np.zeros(0, np.int32)
-                rows = max(0, (len(flat) - 1) // s)
-                array, targets = flat[: rows * s + 1] if rows else flat[:0], rows * s
-            else:
-                packer = packing_lib.FirstFitPacker(s)
-                for d in parts[sp]:
-                    packer.add(d)
-                packer.flush()
-                got = packer.take(packer.sequences())
-                array = np.stack([got[k] for k in packing_lib.KEYS], axis=1)
-                rows, targets = len(array), int((got["segment_ids"] > 0).sum())
+            array, rows, targets = packing_lib.pack(self.packing, parts[sp], self.seq_len)
             path = os.path.join(self.out, f"{sp}-{store.shard_name(j)}-{uuid.uuid4().hex}.npy")
             np.save(path, array.astype(dtype))
             with open(path, "rb") as f:
@@ -130,6 +109,23 @@ class _Job:
                 ),
             )
         return out
+
+    def _tokenize(self, docs, splits: tuple[str, ...]) -> tuple[dict, dict]:
+        """Each split's documents as token arrays ending in EOS, and their number; encoded
+        ENCODE_BATCH at a time, since one tokenizer call per document is slow."""
+        tok = self.tok()
+        eos = np.asarray([tok.eos_id], np.int32)
+        parts = {sp: [] for sp in splits}
+        n_docs = {sp: 0 for sp in splits}
+        it = iter(docs)
+        while batch := [kv for _, kv in zip(range(ENCODE_BATCH), it)]:
+            val = store.is_val([k for k, _ in batch], self.val_fraction)
+            for sp in splits:
+                texts = [t for (_, t), v in zip(batch, val, strict=True) if v == (sp == "val")]
+                for ids in tok.encode_batch(texts) if texts else ():
+                    parts[sp].append(np.concatenate([ids, eos]))
+                n_docs[sp] += len(texts)
+        return parts, n_docs
 
 
 _WORKER: _Job | None = None
@@ -182,23 +178,13 @@ def _clean_stale(path: epath.Path) -> None:
     host = socket.gethostname()
     for p in path.glob(".tmp-*"):
         _, h, pid, _ = (p.name.split("-", 3) + ["", "", ""])[:4]
-        dead_here = h == host and pid.isdigit() and not _alive(int(pid))
+        dead_here = h == host and pid.isdigit() and not pid_alive(int(pid))
         try:
             old = time.time() - p.stat().mtime > STALE_TMP_S
         except FileNotFoundError:
             continue
         if dead_here or old:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _commit(path: epath.Path, split: str, result: dict) -> None:
@@ -241,93 +227,143 @@ def fill(
 ) -> dict[str, list[dict]]:
     """Commits shards of `path` until each split holds want[split] sequences; returns the
     committed entries per split."""
-    root = epath.Path(path)
-    entries = {sp: store.committed(path, sp) for sp in SPLITS}
-    have = {sp: sum(e["sequences"] for e in entries[sp]) for sp in SPLITS}
-    todo = {sp for sp in SPLITS if have[sp] < want[sp]}
-    if not todo:
-        return entries
-    store.verify(path, entries)  # the shards this prepare builds on
-    nxt = {sp: len(entries[sp]) for sp in SPLITS}
-    remote = "://" in path
-    tmp_root = tempfile.gettempdir() if remote else path
-    tmp = os.path.join(tmp_root, f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+    filler = _Filler(path, src, cfg, domain, want)
+    if not filler.todo:
+        return filler.entries
+    store.verify(path, filler.entries)  # the shards this prepare builds on
+    filler.run(workers or os.cpu_count() or 1)
+    return filler.finish()
+
+
+def _tmp_dir(path: str) -> str:
+    """A new directory for the shards being written, named for `_clean_stale`: beside a
+    local store, so that a commit is a rename; in the local temp dir for a remote one."""
+    root = tempfile.gettempdir() if "://" in path else path
+    tmp = os.path.join(root, f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
     os.makedirs(tmp)
-    job = _Job(src, cfg.tokenizer, cfg, tmp)
-    label = f"preparing data.{domain} ({cfg.domain(domain).name})"
-    progress = _Progress(label, sum(want.values()))
-    j = min(nxt[sp] for sp in todo)
-    seq = _sequential_blocks(src, j) if src.num_blocks is None else None
-    n = workers or os.cpu_count() or 1
-    pool, block_s = None, 0.0
-    results: dict[int, dict] = {}
-    inflight: dict[cf.Future, int] = {}
-    try:
-        while todo:
-            while len(inflight) < (2 * n if pool else 1):
-                splits = tuple(sp for sp in SPLITS if sp in todo and j >= nxt[sp])
-                if not splits and seq is None:  # skip blocks every wanted split has
-                    j = max(j, min(nxt[sp] for sp in todo))
-                    continue
-                docs = next(seq, None) if seq is not None else None
-                if (seq is not None and docs is None) or (seq is None and j >= src.num_blocks):
+    return tmp
+
+
+class _Filler:
+    """One fill of a store: store block j goes out next; shard nxt[sp] is the next that
+    split sp commits. Finished shards wait in `results` for their turn, so the store is
+    the same whatever order the blocks finish in."""
+
+    def __init__(self, path: str, src, cfg: Data, domain: str, want: dict[str, int]):
+        self.path, self.src, self.cfg, self.domain, self.want = path, src, cfg, domain, want
+        self.entries = {sp: store.committed(path, sp) for sp in SPLITS}
+        self.have = {sp: sum(e["sequences"] for e in self.entries[sp]) for sp in SPLITS}
+        self.todo = {sp for sp in SPLITS if self.have[sp] < want[sp]}
+        self.nxt = {sp: len(self.entries[sp]) for sp in SPLITS}
+        self.pool, self.block_s = None, 0.0
+        self.results: dict[int, dict] = {}
+        self.inflight: dict[cf.Future, int] = {}
+
+    def run(self, n: int) -> None:
+        """Tokenizes and commits blocks (in up to n processes) until every split is full or
+        the source ends; the workers and the temporary directory end with it."""
+        tmp = _tmp_dir(self.path)
+        self.job, self.n = _Job(self.src, self.cfg.tokenizer, self.cfg, tmp), n
+        label = f"preparing data.{self.domain} ({self.cfg.domain(self.domain).name})"
+        self.progress = _Progress(label, sum(self.want.values()))
+        self.j = min(self.nxt[sp] for sp in self.todo)
+        self.seq = _sequential_blocks(self.src, self.j) if self.src.num_blocks is None else None
+        try:
+            while self.todo:
+                self._hand_out()
+                if not self.inflight:
                     break
-                if not splits:
-                    j += 1
-                    continue
-                block = block_order(src, cfg.seed, domain, j)
-                if pool is None:  # blocks run here until a pool would pay for its start
-                    fut, t0 = cf.Future(), time.perf_counter()
-                    fut.set_result(job.run(j, block, splits, docs))
-                    block_s = time.perf_counter() - t0
-                else:
-                    fut = pool.submit(_run_in_worker, j, block, splits, docs)
-                inflight[fut] = j
-                j += 1
-            if not inflight:
-                break
-            done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                results[inflight.pop(fut)] = _result(fut)
-            for sp in sorted(todo):
-                while sp in todo and sp in results.get(nxt[sp], {}):
-                    r = results[nxt[sp]].pop(sp)
-                    _commit(root, sp, r)
-                    have[sp] += r["entry"]["sequences"]
-                    nxt[sp] += 1
-                    if have[sp] >= want[sp]:
-                        todo.discard(sp)
-            for k in [k for k, r in results.items() if not r]:
-                del results[k]
-            progress.draw(sum(min(have[sp], want[sp]) for sp in SPLITS))
-            left = sum(want[sp] - have[sp] for sp in todo)
-            per_block = max(1, sum(have.values()) // max(1, sum(nxt.values())))
-            if pool is None and n > 1 and block_s * left / per_block > POOL_START_S:
-                ctx = multiprocessing.get_context("spawn")
-                pool = cf.ProcessPoolExecutor(
-                    n, ctx, initializer=_init_worker, initargs=(job, os.getpid())
-                )
-    finally:
-        for fut in inflight:
+                done, _ = cf.wait(self.inflight, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    self.results[self.inflight.pop(fut)] = _result(fut)
+                self._commit_in_order()
+                self.progress.draw(self._held())
+                self._maybe_start_pool()
+        finally:
+            self._stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.progress.draw(self._held(), end="\n")
+
+    def _hand_out(self) -> None:
+        """Starts blocks until 2 per worker are in flight (one without a pool), skipping
+        the blocks that every split still wanted already holds; stops at the source's end."""
+        while len(self.inflight) < (2 * self.n if self.pool else 1):
+            splits = tuple(sp for sp in SPLITS if sp in self.todo and self.j >= self.nxt[sp])
+            if not splits and self.seq is None:  # skip blocks every wanted split has
+                self.j = max(self.j, min(self.nxt[sp] for sp in self.todo))
+                continue
+            docs = next(self.seq, None) if self.seq is not None else None
+            if docs is None and (self.seq is not None or self.j >= self.src.num_blocks):
+                return
+            if splits:
+                self._start(splits, docs)
+            self.j += 1
+
+    def _start(self, splits: tuple[str, ...], docs) -> None:
+        """Block j runs here, timed, until a pool would pay for its start; then in the pool."""
+        block = block_order(self.src, self.cfg.seed, self.domain, self.j)
+        if self.pool is None:
+            fut, t0 = cf.Future(), time.perf_counter()
+            fut.set_result(self.job.run(self.j, block, splits, docs))
+            self.block_s = time.perf_counter() - t0
+        else:
+            fut = self.pool.submit(_run_in_worker, self.j, block, splits, docs)
+        self.inflight[fut] = self.j
+
+    def _commit_in_order(self) -> None:
+        """Commits each split's finished shards in shard order, up to its first unfinished
+        one or until the split is full (the shortest run of blocks that fills it)."""
+        for sp in sorted(self.todo):
+            while sp in self.todo and sp in self.results.get(self.nxt[sp], {}):
+                r = self.results[self.nxt[sp]].pop(sp)
+                _commit(epath.Path(self.path), sp, r)
+                self.have[sp] += r["entry"]["sequences"]
+                self.nxt[sp] += 1
+                if self.have[sp] >= self.want[sp]:
+                    self.todo.discard(sp)
+        for k in [k for k, r in self.results.items() if not r]:
+            del self.results[k]
+
+    def _maybe_start_pool(self) -> None:
+        """Starts the workers once the work left, at the last block's pace, would take
+        longer here than POOL_START_S: spawning them costs seconds."""
+        left = sum(self.want[sp] - self.have[sp] for sp in self.todo)
+        per_block = max(1, sum(self.have.values()) // max(1, sum(self.nxt.values())))
+        if self.pool is None and self.n > 1 and self.block_s * left / per_block > POOL_START_S:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = cf.ProcessPoolExecutor(
+                self.n, ctx, initializer=_init_worker, initargs=(self.job, os.getpid())
+            )
+
+    def _stop(self) -> None:
+        """Cancels the blocks not started and waits for the running ones, so that no worker
+        writes into the temporary directory once it is removed."""
+        for fut in self.inflight:
             fut.cancel()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    progress.draw(sum(min(have[sp], want[sp]) for sp in SPLITS), end="\n")
-    entries = {sp: store.committed(path, sp) for sp in SPLITS}
-    for sp in SPLITS:
-        store.write_index(path, sp, entries[sp])
-    if todo:
-        spec = cfg.domain(domain).source
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _held(self) -> int:
+        """Sequences held towards the wants (the progress)."""
+        return sum(min(self.have[sp], self.want[sp]) for sp in SPLITS)
+
+    def finish(self) -> dict[str, list[dict]]:
+        """Indexes what was committed; a split still short is an error naming the source."""
+        entries = {sp: store.committed(self.path, sp) for sp in SPLITS}
+        for sp in SPLITS:
+            store.write_index(self.path, sp, entries[sp])
+        if not self.todo:
+            return entries
+        key, cfg, have, want = f"data.{self.domain}", self.cfg, self.have, self.want
+        spec = cfg.domain(self.domain).source
         if sum(e["documents"] for sp in SPLITS for e in entries[sp]) == 0:
-            raise ValueError(f"data.{domain}.source={spec!r}: the source is empty (no documents)")
+            raise ValueError(f"{key}.source={spec!r}: the source is empty (no documents)")
         raise ValueError(
-            f"data.{domain}.source={spec!r}: holds {have['train']} train and {have['val']} "
+            f"{key}.source={spec!r}: holds {have['train']} train and {have['val']} "
             f"validation sequences of data.seq_len={cfg.seq_len}; the plans need "
             f"{want['train']} train and {want['val']} validation (data.val_tokens="
             f"{cfg.val_tokens}, data.val_fraction={cfg.val_fraction})"
         )
-    return entries
 
 
 def _manifest(src, tok, cfg: Data, domain: str, content: str) -> dict:
