@@ -21,7 +21,7 @@ Options (`c.data.<domain>.options`):
 
 import random
 
-from retention_jax import config
+from retention_jax.errors import fail
 
 NAMES = ("prose", "music", "chem", "instruct")
 OPTIONS = {"seed", "overlap"}
@@ -254,17 +254,15 @@ _GEN = {"prose": _prose, "music": _music, "chem": _chem, "instruct": _instruct}
 def check_options(name: str, options: dict, key: str) -> dict:
     """Options with defaults; a ConfigError naming `key` for unknown names or bad values."""
     if name not in _GEN:
-        config.fail(
-            key.rsplit(".", 1)[0] + ".source", f"builtin:{name}", f"builtin:{' | '.join(NAMES)}"
-        )
+        fail(key.rsplit(".", 1)[0] + ".source", f"builtin:{name}", f"builtin:{' | '.join(NAMES)}")
     bad = set(options) - OPTIONS
     if bad:
-        config.fail(key, dict(options), f"options of builtin:{name} among {sorted(OPTIONS)}")
+        fail(key, dict(options), f"options of builtin:{name} among {sorted(OPTIONS)}")
     opts = {"seed": 0, "overlap": 0.0, **dict(options)}
     if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int):
-        config.fail(f"{key}.seed", opts["seed"], "an integer")
+        fail(f"{key}.seed", opts["seed"], "an integer")
     if not (isinstance(opts["overlap"], (int, float)) and 0.0 <= opts["overlap"] <= 1.0):
-        config.fail(f"{key}.overlap", opts["overlap"], "a number in [0, 1]")
+        fail(f"{key}.overlap", opts["overlap"], "a number in [0, 1]")
     return opts
 
 

@@ -6,19 +6,10 @@ reached from this machine (no network, as on a laptop planning a pod run) is rep
 unchecked instead: the prepare step on the machine that has the network opens it.
 """
 
-import os
-
 from retention_jax.config import DOMAINS, Data
 from retention_jax.data import sources
 from retention_jax.data.tokenizer import make_tokenizer
 from retention_jax.errors import UserError
-
-
-def _is_hub_id(spec: str) -> bool:
-    """`hf:OWNER/NAME` naming no local path: resolved on the hub, not on this disk."""
-    scheme, _, arg = spec.partition(":")
-    local = arg.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(arg))
-    return scheme == "hf" and not local
 
 
 def open_all(cfg: Data) -> list[str]:
@@ -40,7 +31,7 @@ def open_all(cfg: Data) -> list[str]:
         try:
             open_()
         except Exception as e:
-            if not _is_hub_id(spec):
+            if not sources.is_hub_id(spec):
                 raise UserError(str(e)) from e  # the message names the key and the path
             unchecked.append(
                 f"{key}={spec!r}: not checked, the hub is out of reach here "

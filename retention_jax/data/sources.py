@@ -42,10 +42,14 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from retention_jax import config, fileio
+from retention_jax import fileio
 from retention_jax.data import builtin
-from retention_jax.errors import DataError
+from retention_jax.errors import DataError, fail
+
+if TYPE_CHECKING:  # annotations only: config imports this module to check sources
+    from retention_jax.config import Domain
 
 SCHEMES = ("builtin", "files", "hf", "tfds", "seqio")
 _EXTS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
@@ -59,9 +63,7 @@ BUILTIN_BLOCKS = 1 << 32  # an unbounded generator, seen as this many blocks
 def parse(source: str, key: str) -> tuple[str, str]:
     scheme, sep, arg = str(source).partition(":")
     if not sep or scheme not in SCHEMES or not arg:
-        config.fail(
-            key, source, "a source of the schemes " + " | ".join(f"{s}:..." for s in SCHEMES)
-        )
+        fail(key, source, "a source of the schemes " + " | ".join(f"{s}:..." for s in SCHEMES))
     return scheme, arg
 
 
@@ -135,39 +137,23 @@ def _local_fs():
     return fsspec.filesystem("file")
 
 
+def _hub_fs():
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem()
+
+
 class FileSource(Source):
     """Data files on a filesystem (local, or the hub's at a fixed commit), in blocks."""
 
-    def __init__(self, spec, paths, root, text, key, fs=None, revision=None):
+    def __init__(self, spec, paths, root, text, key, revision=None):
+        """`revision`: the hub commit `paths` are at (read through the hub's filesystem);
+        None for local files."""
         self.spec, self.paths, self.root, self.text, self.key = spec, paths, root, text, key
-        self.fs, self.revision = fs, revision
-        fs = fs or _local_fs()
-        self.blocks = []  # (file index, kind, start, end)
-        for i, p in enumerate(paths):
-            if p.endswith(".txt"):
-                if (
-                    not self.blocks
-                    or self.blocks[-1][1] != "txt"
-                    or (i - self.blocks[-1][2] >= TXT_PER_BLOCK)
-                ):
-                    self.blocks.append((i, "txt", i, i + 1))
-                else:
-                    f0, _, a, _ = self.blocks[-1]
-                    self.blocks[-1] = (f0, "txt", a, i + 1)
-            elif p.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                with fs.open(p, "rb") as f:
-                    groups = pq.ParquetFile(f).metadata.num_row_groups
-                self.blocks += [(i, "rows", g, g + 1) for g in range(groups)]
-            elif p.endswith(".gz"):
-                self.blocks.append((i, "whole", 0, 0))
-            else:
-                size = fs.size(p)
-                self.blocks += [
-                    (i, "bytes", a, min(a + BLOCK_BYTES, size))
-                    for a in range(0, max(size, 1), BLOCK_BYTES)
-                ]
+        self.revision = revision
+        self.fs = None if revision is None else _hub_fs()
+        fs = self.fs or _local_fs()
+        self.blocks = _file_blocks(paths, fs)  # (file index, kind, start, end)
         self.num_blocks = len(self.blocks)
         if revision is not None:  # a hub commit names the content; the files need no reading
             sizes = [fs.size(p) for p in paths]
@@ -221,6 +207,34 @@ class FileSource(Source):
                         rec = _json(line, self.key, self.spec, where)
                         yield f"{rel}:b{at}", _text_of(rec, self.text, self.key, where)
                     at += len(line)
+
+
+def _file_blocks(paths: list[str], fs) -> list[tuple[int, str, int, int]]:
+    """(file index, kind, start, end) of each block: runs of up to TXT_PER_BLOCK .txt
+    files, parquet row groups, whole compressed files, BLOCK_BYTES ranges of the rest."""
+    blocks = []
+    for i, p in enumerate(paths):
+        if p.endswith(".txt"):
+            if not blocks or blocks[-1][1] != "txt" or (i - blocks[-1][2] >= TXT_PER_BLOCK):
+                blocks.append((i, "txt", i, i + 1))
+            else:
+                f0, _, a, _ = blocks[-1]
+                blocks[-1] = (f0, "txt", a, i + 1)
+        elif p.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open(p, "rb") as f:
+                groups = pq.ParquetFile(f).metadata.num_row_groups
+            blocks += [(i, "rows", g, g + 1) for g in range(groups)]
+        elif p.endswith(".gz"):
+            blocks.append((i, "whole", 0, 0))
+        else:
+            size = fs.size(p)
+            blocks += [
+                (i, "bytes", a, min(a + BLOCK_BYTES, size))
+                for a in range(0, max(size, 1), BLOCK_BYTES)
+            ]
+    return blocks
 
 
 def _content_hash(paths: list[str], root: str, fs) -> str:
@@ -490,14 +504,21 @@ def _seqio(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
     return _Sequential(spec, fileio.digest(identity, 8), docs)
 
 
-def check(domain: "config.Domain", key: str) -> None:
+def check(domain: "Domain", key: str) -> None:
     """What can be checked of a domain's source without opening it (config validation)."""
     scheme, arg = parse(domain.source, f"{key}.source")
     if scheme == "builtin":
         builtin.check_options(arg, dict(domain.options), f"{key}.options")
 
 
-def open_source(domain: "config.Domain", key: str) -> Source:
+def is_hub_id(spec: str) -> bool:
+    """Whether `hf:ARG` names a hub repo: ARG is no directory here and does not begin like
+    a path (".", "/", "~"), which names a local directory even when it is missing."""
+    scheme, _, arg = spec.partition(":")
+    return scheme == "hf" and not (os.path.isdir(arg) or arg.startswith((".", "/", "~")))
+
+
+def open_source(domain: "Domain", key: str) -> Source:
     """The source of `c.data.<domain>` (`key` names it in errors). Checks that files exist."""
     spec = domain.source
     scheme, arg = parse(spec, f"{key}.source")
@@ -506,38 +527,45 @@ def open_source(domain: "config.Domain", key: str) -> Source:
     if scheme == "builtin":
         return BuiltinSource(spec, arg, builtin.check_options(arg, opts, f"{key}.options"))
     if scheme == "files":
-        paths = sorted(
-            p for p in glob.glob(os.path.expanduser(arg), recursive=True) if os.path.isfile(p)
-        )
-        if not paths:
-            raise ValueError(f"{key}.source={spec!r}: no files match {arg!r}")
-        bad = [p for p in paths if not p.endswith(_EXTS)]
-        if bad:
-            raise ValueError(
-                f"{key}.source={spec!r}: unsupported file {bad[0]!r}; allowed: {list(_EXTS)}"
-            )
-        root = os.path.commonpath([os.path.dirname(p) for p in paths])
-        return FileSource(spec, paths, root, text, key)
+        return _files(arg, text, key, spec)
     if scheme == "hf":
         if opts.get("use_datasets"):
             return _hf_streamed(arg, opts, text, key, spec)
-        split = opts.get("split", "train")
-        if os.path.isdir(arg):
-            fs, root, revision = _local_fs(), os.path.abspath(arg), None
-        elif arg.startswith((".", "/", "~")):
-            raise ValueError(f"{key}.source={spec!r}: directory {arg!r} not found")
-        else:
-            from huggingface_hub import HfFileSystem
-
-            revision = _hub_commit(arg, opts.get("revision"), spec, key)
-            fs, root = HfFileSystem(), f"datasets/{arg}@{revision}"
-        paths = _hub_files(fs, root, opts.get("config"), split, key)
-        if not paths:
-            raise ValueError(f"{key}.source={spec!r}: no data files for split {split!r} in {arg}")
-        return FileSource(
-            spec, paths, root, text, key, fs=None if revision is None else fs, revision=revision
-        )
+        return _hf(arg, opts, text, key, spec)
     if scheme == "tfds":
         name, _, split = arg.partition(":")
         return TfdsSource(spec, name, split or "train", opts.get("data_dir"), text, key)
     return _seqio(arg, opts, text, key, spec)
+
+
+def _files(pattern: str, text: str, key: str, spec: str) -> Source:
+    """The files a `files:` glob matches; none, or one of an unknown kind, is an error."""
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
+    if not paths:
+        raise ValueError(f"{key}.source={spec!r}: no files match {pattern!r}")
+    bad = [p for p in paths if not p.endswith(_EXTS)]
+    if bad:
+        raise ValueError(
+            f"{key}.source={spec!r}: unsupported file {bad[0]!r}; allowed: {list(_EXTS)}"
+        )
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return FileSource(spec, paths, root, text, key)
+
+
+def _hf(name: str, opts: dict, text: str, key: str, spec: str) -> Source:
+    """A hub dataset's data files, read directly: from a local directory laid out like the
+    hub repo, or from the hub at the commit its revision resolves to now."""
+    split = opts.get("split", "train")
+    if is_hub_id(spec):
+        revision = _hub_commit(name, opts.get("revision"), spec, key)
+        fs, root = _hub_fs(), f"datasets/{name}@{revision}"
+    elif os.path.isdir(name):
+        fs, root, revision = _local_fs(), os.path.abspath(name), None
+    else:
+        raise ValueError(f"{key}.source={spec!r}: directory {name!r} not found")
+    paths = _hub_files(fs, root, opts.get("config"), split, key)
+    if not paths:
+        raise ValueError(f"{key}.source={spec!r}: no data files for split {split!r} in {name}")
+    return FileSource(spec, paths, root, text, key, revision=revision)
