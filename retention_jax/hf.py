@@ -16,7 +16,6 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh
-from tokenizers import Tokenizer
 
 from retention_jax import config, presets
 from retention_jax import model as model_lib
@@ -164,28 +163,12 @@ def init_params(
     """
     path = local_dir(spec)
     check_config(path, model_cfg)
-    _, abstract = model_lib.abstract_state(model_cfg, mesh, rules)
-    state = jax.tree.map(lambda a: a, abstract)  # a copy to fill in
-    nnx.replace_by_pure_dict(state, load_params(path, model_cfg))
-    state = jax.tree.map(
-        lambda a, s: a if isinstance(a, jax.ShapeDtypeStruct) else jax.device_put(a, s.sharding),
-        state,
-        abstract,
-    )
+    _, shapes = model_lib.abstract_state(model_cfg, mesh, rules)
+    state = model_lib.put_pure(shapes, load_params(path, model_cfg))
     if model_cfg.lora.rank > 0:
         fresh = nnx.state(model_lib.create(model_cfg, mesh, rules, seed), model_lib.LoRAParam)
         state = nnx.merge_state(state, fresh)
     return state
-
-
-def load_model(path: str, mesh: Mesh, rules: model_lib.Rules) -> model_lib.Transformer:
-    """A sharded model holding the checkpoint's weights (no random init is run)."""
-    cfg = config_from_hf(path)
-    graphdef, abstract = model_lib.abstract_state(cfg, mesh, rules)
-    state = jax.tree.map(lambda a: a, abstract)  # a copy to fill in
-    nnx.replace_by_pure_dict(state, load_params(path, cfg))
-    state = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), state, abstract)
-    return nnx.merge(graphdef, state)
 
 
 def export(model_or_state: nnx.Module | nnx.State, cfg: config.Model, out_dir: str) -> None:
@@ -238,25 +221,6 @@ def _hf_config(cfg: config.Model) -> dict:
         "mlp_bias": False,
         "dtype": "float32",
     }
-
-
-def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """A `tokenizers.Tokenizer` from a local directory (tokenizer.json) or a hub id."""
-    if os.path.isdir(name_or_path):
-        file = os.path.join(name_or_path, "tokenizer.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json")
-        return Tokenizer.from_file(file)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Tokenizer.from_file(hf_hub_download(name_or_path, "tokenizer.json"))
-    except Exception as e:
-        raise OSError(
-            f"tokenizer {name_or_path!r} is neither a local directory nor downloadable from the "
-            "hub (no network or HF_HUB_OFFLINE=1, and not in the local HF cache); pass a "
-            f"directory holding tokenizer.json instead ({type(e).__name__}: {e})"
-        ) from e
 
 
 _TOKENIZER_FILES = (

@@ -145,8 +145,8 @@ class Transformer(nnx.Module):
         implementation works; RBG keys (`jax.random.key(s, impl="rbg")`) compile several
         times faster than threefry on CPU when dropout is on.
         """
-        x_BxLxD = self.embed[...][tokens_BxL]
-        return self.decode(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+        h_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+        return h_BxLxD @ self.head_weight()
 
     def hidden(
         self,
@@ -170,19 +170,6 @@ class Transformer(nnx.Module):
             w_DxV = w_DxV + scale * (self.head_lora_a[...] @ self.head_lora_b[...])
         return w_DxV.astype(dtype)
 
-    def decode(
-        self,
-        x_BxLxD: jax.Array,
-        positions_BxL: jax.Array,
-        segment_ids_BxL: jax.Array,
-        *,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Logits from input embeddings on (embedding dropout included): gradients with
-        respect to the inputs, e.g. the causality test, need this entry point."""
-        h_BxLxD = self.trunk(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
-        return h_BxLxD @ self.head_weight()
-
     def trunk(
         self,
         x_BxLxD: jax.Array,
@@ -191,7 +178,8 @@ class Transformer(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Input embeddings -> final-normed hidden states."""
+        """Input embeddings -> final-normed hidden states (embedding dropout included): the
+        entry point for gradients with respect to the inputs, e.g. the causality test's."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L, D = x_BxLxD.shape
@@ -579,4 +567,22 @@ def abstract_state(cfg: config.Model, mesh: Mesh, rules: Rules) -> tuple[nnx.Gra
             a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec)
         ),
         state,
+    )
+
+
+def put_pure(shapes: nnx.State, pure: dict) -> nnx.State:
+    """`shapes` (ShapeDtypeStructs with shardings, as `abstract_state` gives) filled from
+    the pure dict `pure` (`nnx.to_pure_dict`'s layout: host or device arrays) and put on
+    device in those shardings.
+
+    Parameters from elsewhere (a Hugging Face checkpoint, merged LoRA weights) enter a
+    stage this way; `nnx.replace_by_pure_dict` fills a state in place, so a copy of
+    `shapes` is filled. Leaves `pure` lacks stay ShapeDtypeStructs for the caller to
+    fill (the LoRA adapters of a base checkpoint)."""
+    state = jax.tree.map(lambda a: a, shapes)
+    nnx.replace_by_pure_dict(state, pure)
+    return jax.tree.map(
+        lambda a, s: a if isinstance(a, jax.ShapeDtypeStruct) else jax.device_put(a, s.sharding),
+        state,
+        shapes,
     )

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from configs import base
-from retention_jax import config, hf
+from retention_jax import config, data, hf
 from retention_jax import model as model_lib
 
 torch = pytest.importorskip("torch", reason="torch is needed to build reference HF models")
@@ -62,6 +62,13 @@ def _forward(model: model_lib.Transformer, tokens_BxL: jax.Array) -> jax.Array:
     return model(tokens_BxL, positions_BxL, jnp.ones((B, L), jnp.int32))
 
 
+def load(path: str, mesh: jax.sharding.Mesh) -> model_lib.Transformer:
+    """The checkpoint at `path` as a model, through `hf.init_params` (a stage's start)."""
+    cfg, rules = hf.config_from_hf(path), base.get_config().rules
+    graphdef, _ = model_lib.abstract_state(cfg, mesh, rules)
+    return nnx.merge(graphdef, hf.init_params(path, cfg, mesh, rules))
+
+
 def our_logits(model: model_lib.Transformer, tokens_BxL: np.ndarray) -> np.ndarray:
     return np.asarray(_forward(model, jnp.asarray(tokens_BxL)))
 
@@ -79,8 +86,7 @@ def test_import_export_round_trip(tmp_path, mesh, n_kv_heads, tie):
     cfg = hf.config_from_hf(str(tmp_path / "hf"))
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_base) == (4, n_kv_heads, 8, 500.0)
     assert cfg.tie_embeddings == tie
-    rules = base.get_config().rules
-    model = hf.load_model(str(tmp_path / "hf"), mesh, rules)
+    model = load(str(tmp_path / "hf"), mesh)
     np.testing.assert_allclose(our_logits(model, TOKENS), expected, atol=1e-4)
 
     hf.export(model, cfg, str(tmp_path / "ours"))
@@ -103,7 +109,7 @@ def test_export_merges_lora(tmp_path, mesh):
         b[...] = jnp.asarray(0.1 * np.random.default_rng(1).normal(size=b[...].shape), jnp.float32)
     with_lora = our_logits(model, TOKENS)
     hf.export(model, cfg, str(tmp_path / "merged"))
-    merged = hf.load_model(str(tmp_path / "merged"), mesh, base.get_config().rules)
+    merged = load(str(tmp_path / "merged"), mesh)
     assert not nnx.state(merged, nnx.LoRAParam)
     np.testing.assert_allclose(our_logits(merged, TOKENS), with_lora, atol=1e-4)
 
@@ -121,10 +127,11 @@ def test_config_reads_legacy_rope_theta(tmp_path):
         hf.config_from_hf(str(tmp_path))
 
 
-def test_load_tokenizer(tokenizer_dir):
-    tok = hf.load_tokenizer(tokenizer_dir)
-    assert tok.get_vocab_size() == 49_152
-    ids = tok.encode("Early data exposure.").ids
+def test_hf_tokenizer(tokenizer_dir):
+    """A checkpoint's tokenizer as a run reads it (`data.tokenizer='hf:DIR_OR_HUB_ID'`)."""
+    tok = data.make_tokenizer(f"hf:{tokenizer_dir}")
+    assert tok.vocab_size == 49_152
+    ids = tok.encode("Early data exposure.")
     assert tok.decode(ids) == "Early data exposure."
-    with pytest.raises(OSError, match="neither a local directory nor downloadable"):
-        hf.load_tokenizer("no-such-org/no-such-tokenizer")
+    with pytest.raises(ValueError, match="not a local directory and not downloadable"):
+        data.make_tokenizer("hf:no-such-org/no-such-tokenizer")
