@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from configs import base, paper_1b, paper_135m  # noqa: E402
-from retention_jax import config, data, experiment, model, perf  # noqa: E402
+from retention_jax import config, cost, data, experiment  # noqa: E402
 from retention_jax.data import builtin, sources  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,8 +184,8 @@ def main() -> None:
             for name, cfg in (("135m", c135), ("1b", paper_1b.get_config("musicpile-chempile")))
         }
     c135_exp = config.parse(c135, config.smallest_devices(c135.mesh))
-    flops = model.flops_per_token(c135_exp.model, seq_len)
-    h100 = experiment.PLAN_MFU * perf.PEAK_BF16[experiment.PLAN_DEVICE] / flops
+    flops = cost.flops_per_token(c135_exp.model, seq_len)
+    h100 = cost.PLAN_MFU * cost.PEAK_BF16[cost.PLAN_DEVICE] / flops
     report["loader"]["h100_135m_step_tokens_per_s"] = round(h100)
     report["loader"]["ratio_to_h100_step"] = round(
         report["loader"]["threads_2_tokens_per_s"] / h100, 1

@@ -10,7 +10,7 @@ step's memory, and with `--torch` (hf extra) a `LlamaForCausalLM` step with Adam
 (β 0.9/0.95, weight decay 0.1, clipping 1.0) on the same batch, run eagerly and under
 `torch.compile`. The three are timed in `--reps` interleaved rounds (machine load hits
 all of them alike) and medians are printed. FLOPs per token are
-`model.flops_per_token` (6·N_matmul + 6·layers·seq·d_model, causal attention, the
+`cost.flops_per_token` (6·N_matmul + 6·layers·seq·d_model, causal attention, the
 MaxText convention). The peak is the accelerator's bf16 datasheet value, or on a CPU a
 measured matmul (perf.measured_peak), so CPU MFU reads as "share of what this host's
 matmul reaches". `--profile` adds the step's most expensive XLA ops (a jax.profiler
@@ -41,7 +41,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import base  # noqa: E402
-from retention_jax import config, perf, presets, sharding, trainer  # noqa: E402
+from retention_jax import config, cost, perf, presets, sharding, trainer  # noqa: E402
 from retention_jax import model as model_lib  # noqa: E402
 
 _MODEL = config_flags.DEFINE_config_file("model", "retention_jax/presets.py:tiny", "Model preset.")
@@ -198,7 +198,7 @@ def torch_step(mcfg, host: dict, compiled: bool):
 def compare(mcfg: config.Model) -> None:
     host = host_batch(mcfg.vocab_size, _BATCH.value, _SEQ.value)
     tokens = _BATCH.value * _SEQ.value
-    fpt = model_lib.flops_per_token(mcfg, _SEQ.value)
+    fpt = cost.flops_per_token(mcfg, _SEQ.value)
     peak, source = perf.peak_flops(dtype=mcfg.dtype)
     print(
         f"model {model_lib.count_params(mcfg):,} parameters, {fpt / 1e6:.1f} MFLOP/token; "
@@ -279,7 +279,7 @@ def device_suite(out: str, tiny: bool) -> dict:
         raw = presets.tiny() if tiny else presets.PRESETS[name]()
         raw.update(overrides, dtype="bfloat16")
         host = host_batch(raw.vocab_size, batch, seq)
-        fpt = model_lib.flops_per_token(config.parse_model(raw), seq)
+        fpt = cost.flops_per_token(config.parse_model(raw), seq)
         best = None
         for attention in attentions:
             for remat in remats:

@@ -1,6 +1,6 @@
 """Throughput accounting: model FLOP/s per device and MFU.
 
-Training FLOPs per token follow the MaxText convention (see `model.flops_per_token`).
+Training FLOPs per token follow the MaxText convention (`cost.flops_per_token`).
 Peak dense bf16 FLOP/s per chip are vendor numbers; on a device not listed (a CPU) the
 peak is measured with a large matmul in the compute dtype, so MFU stays defined.
 """
@@ -10,18 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-PEAK_BF16 = {  # device_kind substring -> dense bf16 FLOP/s per chip
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "H100": 989.5e12,
-    "H200": 989.5e12,
-    "A100": 312e12,
-}
+from retention_jax import cost
 
 
 def measured_peak(dtype: str = "float32", n: int = 1024, reps: int = 5) -> float:
@@ -39,7 +28,7 @@ def measured_peak(dtype: str = "float32", n: int = 1024, reps: int = 5) -> float
 def peak_flops(device: jax.Device | None = None, dtype: str = "float32") -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from)."""
     kind = (device or jax.devices()[0]).device_kind
-    for name, peak in PEAK_BF16.items():
+    for name, peak in cost.PEAK_BF16.items():
         if name in kind:
             return peak, f"{name} bf16 datasheet"
     return measured_peak(dtype), f"measured {dtype} matmul on {kind}"

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from retention_jax import config, presets
+from retention_jax import config, cost, presets
 from retention_jax import model as model_lib
 
 B, L = 2, 16
@@ -78,7 +78,7 @@ def test_flops_per_token():
     n_matmul = 134_515_008 - (30 * 2 * 576 + 576)
     expected = 6 * n_matmul + 6 * 30 * 1024 * 576
     assert (
-        model_lib.flops_per_token(config.parse_model(presets.smollm2_135m()), 1024)
+        cost.flops_per_token(config.parse_model(presets.smollm2_135m()), 1024)
         == expected
         == 913_047_552
     )
