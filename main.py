@@ -99,7 +99,7 @@ def main(argv):
 def _run() -> None:
     import jax  # imported here: `--help` and flag errors answer without loading jax
 
-    from retention_jax import callbacks, config, experiment, sharding, tensorboard, topology
+    from retention_jax import callbacks, config, experiment, graph, sharding, tensorboard, topology
     from retention_jax.analysis import figures, report
 
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; libraries stay quiet
@@ -116,18 +116,15 @@ def _run() -> None:
             raise app.UsageError("--topology compiles without running: add --dry_run")
         topology.cpu_host()
         topology.check(cfg, _TOPOLOGY.value)
-    if _ONLY.value != experiment.PREPARE:  # the prepare step needs no devices
+    if _ONLY.value != graph.PREPARE:  # the prepare step needs no devices
         sharding.initialize_distributed()
+    if _DRY_RUN.value:
+        devices = _DEVICES.value if _DEVICES.present else None
+        experiment.dry_run(cfg, only=_ONLY.value, devices=devices)
+        return
     failed = None
     try:
-        rows = experiment.run(
-            cfg,
-            _WORKDIR.value,
-            dry_run=_DRY_RUN.value,
-            only=_ONLY.value,
-            devices=_DEVICES.value if _DEVICES.present else None,
-            retry_failed=_RETRY.value,
-        )
+        rows = experiment.run(cfg, _WORKDIR.value, only=_ONLY.value, retry_failed=_RETRY.value)
     except callbacks.Preempted as e:
         print(e, flush=True)
         sys.exit(callbacks.EXIT_PREEMPTED)

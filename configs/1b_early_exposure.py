@@ -17,7 +17,7 @@ pipeline: the arms share its two pretraining runs and the dropout arm's baseline
             5e-5} × dropout {0.02, 0.05}
   replay    Figs. 10-12: the mixing grid with 1% replay of C4
 
-Plan of one pipeline's mixing arm (`--dry_run`, experiment.plan_table): 2 + 10 + 60 = 72
+Plan of one pipeline's mixing arm (`--dry_run`, graph.plan_table): 2 + 10 + 60 = 72
 nodes, 4.25e20 FLOP planned in all (an upper bound: stage 2 counted at its 2B cap), ≈ 298
 H100 device-hours at 40% MFU (`--dry_run` prints the estimate).
 Stage 1: 19,699,999,744 C4 tokens (+ 299,999,232 D_post at λ = 1), 37,575 / 38,147 steps,

@@ -28,10 +28,11 @@ Planned cost (`--dry_run`, H100 at 40% MFU, training only): added 45 nodes, 1.50
 and ≈ 93 with `lr` (+5: one pass over the rest of each pool).
 """
 
+import math
+
 import ml_collections as mlc
 
 from configs import corpora, paper_135m
-from retention_jax import config, data
 
 M = 1_000_000
 SETTINGS = ("added", "compute_matched")
@@ -58,8 +59,8 @@ def get_config(arg: str = "added") -> mlc.ConfigDict:
 
 
 def _full_pass_steps(c, pool_tokens: int) -> int:
-    """Steps of the compute-matched stage 2 at λ = 0: one pass over the whole pool."""
-    ref = mlc.ConfigDict(c.to_dict())
-    ref.data.post_pool_tokens = pool_tokens
-    ref.pretrain.exposure.lam = 0.0
-    return data.plan("posttrain", config.parse(ref, config.smallest_devices(ref.mesh))).num_steps
+    """Steps of the compute-matched stage 2 at λ = 0: one pass over the pool's whole
+    sequences, the last batch partial (this sweep replays nothing: posttrain.replay = 0)."""
+    if c.posttrain.replay:
+        raise ValueError("configs/lambda_sweep.py: the warmup share assumes posttrain.replay=0")
+    return math.ceil(pool_tokens // c.data.seq_len / c.posttrain.batch)

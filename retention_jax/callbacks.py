@@ -4,8 +4,10 @@ The loop only trains and calls callbacks; callbacks read the step's `StepInfo` a
 ask for a checkpoint of this step or for the stage to end after it. Their order is the
 order of their effects: token counts, metrics and progress, validation with early
 stopping, checkpointing, profiling, then anything a caller adds (a test's fault
-injection).
-No callback waits on the device except at its own cadence.
+injection). Callbacks that need the stage's state receive the stage run
+(`stage.StageRun`: its node, trainer, record, metrics log); a checkpoint is taken by
+`run.save`, which first calls every callback's `before_save`, so no callback holds
+another. No callback waits on the device except at its own cadence.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from retention_jax import checkpoint, data, fileio, perf, tensorboard
+from retention_jax import cost, data, fileio, perf, tensorboard
 
 
 @dataclasses.dataclass
@@ -43,6 +45,10 @@ class Callback:
 
     def after_step(self, info: StepInfo) -> None:
         """After each step."""
+
+    def before_save(self, step: int, metrics: dict | None, log_line: bool) -> None:
+        """Before a checkpoint of `step` (`log_line`: a step-scheduled save, whose metrics
+        line is written)."""
 
     def on_end(self, trainer, info: StepInfo | None) -> None:
         """After the last step of the stage (`info` is None when no step ran)."""
@@ -171,8 +177,8 @@ class TokenCount(Callback):
     def after_step(self, info: StepInfo) -> None:
         self.local += data.tokens_by_domain(info.host)
 
-    def sync(self) -> None:
-        """A collective under multi-process: call at checkpoint steps only."""
+    def before_save(self, step: int, metrics: dict | None, log_line: bool) -> None:
+        """Sums the counts over processes (a collective: checkpoint steps only)."""
         total = _global_sum(self.local)
         self.record.tokens = (np.asarray(self.record.tokens) + total).tolist()
         self.local[:] = 0
@@ -190,22 +196,22 @@ class Progress(Callback):
     """Training metrics read one step late (no wait on the step just dispatched), checked
     for NaN/Inf, logged with throughput; one progress line per report."""
 
-    def __init__(
-        self, log: MetricsLog, name: str, plan, flops: float, peak: float, step: int, every: int
-    ):
-        self.log, self.name, self.plan, self.flops, self.peak = log, name, plan, flops, peak
-        self.every = every
+    def __init__(self, run):
+        self.log, self.name, self.plan = run.log, run.name, run.node.plan
+        self.flops = cost.flops_per_token(run.node.model, self.plan.seq_len)
+        self.peak = run.rt.peak_flops(run.node.model.dtype)
+        self.every = run.node.exp.log_every
         self.pending = None
-        self.mark = (time.perf_counter(), step)
+        self.mark = (time.perf_counter(), run.trainer.step)
 
     def after_step(self, info: StepInfo) -> None:
         self.flush()  # the previous step's metrics, now that this one is dispatched
         if info.step % self.every == 0:
             self.pending = (info.step, info.metrics)
 
-    def report(self, step: int, metrics: dict | None) -> None:
-        """Logs `step` now (a checkpoint step)."""
-        if metrics is not None:
+    def before_save(self, step: int, metrics: dict | None, log_line: bool) -> None:
+        """Logs the checkpoint step now (a step-scheduled save) or what is pending."""
+        if log_line and metrics is not None:
             self.pending = (step, metrics)
         self.flush()
 
@@ -262,17 +268,11 @@ class Validation(Callback):
     checkpointed, the improving ones ranked as best candidates, and the stage stops after
     `patience` evaluations without gain. One evaluation call per step serves both."""
 
-    def __init__(
-        self,
-        evaluate,
-        every: int,
-        log: MetricsLog,
-        record: Record,
-        rule: EarlyStopRule | None = None,
-        stop_every: int = 0,
-    ):
-        self.evaluate, self.every, self.log, self.record = evaluate, every, log, record
-        self.rule, self.stop_every = rule, stop_every
+    def __init__(self, run, rule: EarlyStopRule | None = None):
+        exp = run.node.exp
+        self.evaluate, self.log, self.record = run.losses, run.log, run.record
+        self.every = exp.eval_every or exp.ckpt_every
+        self.rule, self.stop_every = rule, exp.posttrain.early_stop.every
 
     def after_step(self, info: StepInfo) -> None:
         last = info.step == info.num_steps
@@ -331,24 +331,11 @@ class Checkpointing(Callback):
     does not depend on when they happened; under several processes process 0 decides
     time-based saves at log steps and broadcasts the decision (saves are collective)."""
 
-    def __init__(
-        self,
-        mngr,
-        every: int,
-        every_s: float,
-        log_every: int,
-        items,
-        data_iter,
-        progress: Progress,
-        tokens: TokenCount,
-        log: MetricsLog,
-        record: Record,
-        meta: dict,
-    ):
-        self.mngr, self.every, self.every_s, self.log_every = mngr, every, every_s, log_every
-        self.items, self.data_iter = items, data_iter
-        self.progress, self.tokens, self.log = progress, tokens, log
-        self.record, self.meta = record, meta
+    def __init__(self, run):
+        exp = run.node.exp
+        self.run, self.mngr = run, run.mngr
+        self.every, self.every_s = exp.ckpt_every, 60.0 * exp.ckpt_every_minutes
+        self.log_every = exp.log_every
         self.last_save = time.monotonic()
 
     def after_step(self, info: StepInfo) -> None:
@@ -373,31 +360,8 @@ class Checkpointing(Callback):
         if self.mngr.latest_step() != trainer.step:  # no step ran, or resumed at the end
             self.save(trainer.step, info.metrics if info else None)
 
-    def save(
-        self,
-        step: int,
-        metrics: dict | None,
-        val_loss: float | None = None,
-        log_line: bool = True,
-    ) -> None:
-        if log_line:
-            self.progress.report(step, metrics)
-        else:
-            self.progress.flush()
-            if metrics is not None:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(step, host, self.mngr.latest_step())
-        self.tokens.sync()
-        self.log.flush()
-        meta = {**self.meta, **self.record.meta(), "step": step}
-        checkpoint.save(
-            self.mngr,
-            step,
-            **self.items(),
-            data_iter=self.data_iter,
-            meta=json.loads(json.dumps(meta)),
-            val_loss=val_loss,
-        )
+    def save(self, step: int, metrics: dict | None, val_loss=None, log_line=True) -> None:
+        self.run.save(step, metrics, val_loss, log_line)
         self.last_save = time.monotonic()
 
 
@@ -416,8 +380,8 @@ class Preemption(Callback):
     """On SIGTERM (or JAX's preemption sync point under several processes), checkpoints the
     step just finished, waits for the save to commit and raises `Preempted`."""
 
-    def __init__(self, checkpointing: Checkpointing):
-        self.checkpointing = checkpointing
+    def __init__(self, run):
+        self.run = run
         self.requested = False
         self.previous = None
 
@@ -432,9 +396,9 @@ class Preemption(Callback):
     def after_step(self, info: StepInfo) -> None:
         if not (self.requested or _sync_point(info.step)):
             return
-        mngr = self.checkpointing.mngr
+        mngr = self.run.mngr
         if mngr.latest_step() != info.step:
-            self.checkpointing.save(info.step, info.metrics, log_line=False)
+            self.run.save(info.step, info.metrics, log_line=False)
         mngr.wait_until_finished()
         raise Preempted(info.step)
 

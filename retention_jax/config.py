@@ -492,13 +492,12 @@ def _microbatches(s: _Section, device_rows: int) -> int:
 
 
 def _domain(s: _Section) -> Domain:
-    from retention_jax.data import sources  # data imports this module: import late, no cycle
-
+    """A domain's keys; what its source accepts is the data layer's to check
+    (`data.sources.check`, called as the graph expands)."""
     options = s.raw("options") or {}
     if not isinstance(options, Mapping | mlc.ConfigDict):
         fail(s.key("options"), options, "a dict of source options")
     d = Domain(s.str("source"), s.str("name"), s.str("text"), dict(options))
-    sources.check(d, s.path)
     s.done()
     return d
 

@@ -46,3 +46,9 @@ def digest(obj: Any, size: int = 6) -> str:
     """Hex digest (2·size characters) of an object's canonical JSON: ids and fingerprints."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
+
+
+def as_stored(obj: Any) -> Any:
+    """`obj` as a JSON file holds it (tuples become lists, other values strings), so a
+    record compares equal to the one read back."""
+    return json.loads(json.dumps(obj, default=str))

@@ -1,4 +1,5 @@
-"""One stage run as named pieces: resolve the start → a trainer → the loop → finish.
+"""One stage run as named pieces: resolve the start → a trainer → the loop → finish,
+sharing one `StageRun`.
 
 Start precedence (`resolve_start`): this run's own latest checkpoint (a restarted job
 continues where it stopped, bit-identically) → the parent's result parameters (a branch:
@@ -11,7 +12,8 @@ atomically, so a run directory holding it is finished and is never run again.
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 from clu import parameter_overview
@@ -19,7 +21,17 @@ from etils import epath
 from flax import nnx
 
 from retention_jax import callbacks as cb
-from retention_jax import checkpoint, config, data, evaluate, fileio, forecast, tensorboard, trainer
+from retention_jax import (
+    checkpoint,
+    config,
+    data,
+    evaluate,
+    fileio,
+    forecast,
+    graph,
+    tensorboard,
+    trainer,
+)
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 
@@ -51,34 +63,83 @@ def _optimizer_item(state) -> dict:
     return {"step": state.step, "opt": state.opt, "hp": state.hp}
 
 
-def start_state(start: Start, fns: trainer.StepFunctions, mngr, batches, exp, name, plan):
-    """The training state and record `start` names; a resume also restores `batches`."""
-    section = exp.stage(name)
+@dataclasses.dataclass
+class StageRun:
+    """What the pieces of one stage run share: the resolved node, where it writes, its
+    data, the runtime and step functions, the data iterator and checkpoint manager, and
+    once started the trainer, its record, metrics log and callbacks. Callbacks receive
+    it; `save` is the one way to checkpoint, so no callback holds another."""
+
+    node: graph.Node
+    run_dir: str
+    corpus: data.Corpus
+    rt: runtime_lib.Runtime
+    fns: trainer.StepFunctions
+    batches: Iterator  # the resumable host-batch iterator (checkpointed with the state)
+    mngr: Any  # the Orbax CheckpointManager of run_dir/ckpt
+    meta: dict  # lineage recorded in every checkpoint (ids, swept values, stage)
+    trainer: "trainer.Trainer | None" = None  # (a string: the field shadows the module)
+    record: cb.Record | None = None
+    log: cb.MetricsLog | None = None
+    callbacks: list[cb.Callback] = dataclasses.field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.run_dir)
+
+    def losses(self, domains: tuple[str, ...], params=None) -> dict[str, float]:
+        """Validation losses of the current parameters (or `params`) on `domains`."""
+        params = self.trainer.state.params if params is None else params
+        batch = self.node.exp.eval_batch
+        return evaluate.losses(self.rt, self.fns, params, self.corpus, domains, batch)
+
+    def save(self, step: int, metrics: dict | None, val_loss=None, log_line=True) -> None:
+        """Checkpoints `step`: every callback's `before_save` first (metrics logged or
+        checked, token counts synced), then the metrics file, then the state."""
+        for c in self.callbacks:
+            c.before_save(step, metrics, log_line)
+        if not log_line and metrics is not None:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            cb.check_finite(step, host, self.mngr.latest_step())
+        self.log.flush()
+        state = self.trainer.state
+        checkpoint.save(
+            self.mngr,
+            step,
+            params=state.params,
+            optimizer=_optimizer_item(state),
+            data_iter=self.batches,
+            meta=fileio.as_stored({**self.meta, **self.record.meta(), "step": step}),
+            val_loss=val_loss,
+        )
+
+
+def start_state(run: StageRun, start: Start):
+    """The training state and record `start` names; a resume also restores the batches."""
+    node, fns = run.node, run.fns
     if start.kind == "resume":
-        return _resume(mngr, fns, batches)
+        return _resume(run.mngr, fns, run.batches)
     if start.kind == "branch":  # parameters only
-        params = _branch_params(start, fns, exp, name)
-    elif name == "pretrain" and exp.pretrain.init:
+        params = _branch_params(start, fns, node)
+    elif node.stage == "pretrain" and node.exp.pretrain.init:
         from retention_jax import hf  # the hf extra (safetensors); only this start needs it
 
-        spec = exp.pretrain.init.removeprefix("hf:")
-        params = hf.init_params(spec, exp.model_for(name), fns.mesh, exp.rules, seed=exp.seed)
+        spec = node.exp.pretrain.init.removeprefix("hf:")
+        params = hf.init_params(spec, node.model, fns.mesh, node.exp.rules, seed=node.exp.seed)
     else:
-        params = trainer.init_params(fns, exp.seed)
-    schedule = section.optimizer.schedule(plan.num_steps, plan.batch * plan.seq_len)
-    return trainer.fresh_state(fns, params, schedule), cb.Record.fresh()
+        params = trainer.init_params(fns, node.exp.seed)
+    return trainer.fresh_state(fns, params, node.schedule), cb.Record.fresh()
 
 
-def _branch_params(start: Start, fns: trainer.StepFunctions, exp, name: str):
+def _branch_params(start: Start, fns: trainer.StepFunctions, node: graph.Node):
     """The parent's result parameters in this stage's model: LoRA adapters start fresh
     (B = 0, so the function is the parent's) when post-training adds them, and are
     merged into the weights when fine-tuning follows a LoRA post-training."""
     ckpt = os.path.join(start.parent_dir, "ckpt")
-    parent_model = exp.model_for(config.STAGES[config.STAGES.index(name) - 1])
-    model = exp.model_for(name)
+    parent_model, model = node.parent.model, node.model
     try:
         if parent_model.lora.rank > 0:
-            _, target = model_lib.abstract_state(parent_model, fns.mesh, exp.rules)
+            _, target = model_lib.abstract_state(parent_model, fns.mesh, node.exp.rules)
             restored = checkpoint.restore_params(ckpt, start.step, target)
         elif model.lora.rank > 0:
             base, _ = nnx.split_state(fns.state_shapes.params, model_lib.BASE_PARAMS, ...)
@@ -92,7 +153,7 @@ def _branch_params(start: Start, fns: trainer.StepFunctions, exp, name: str):
             f"{os.path.join(start.parent_dir, RESULT)} and run the same command"
         ) from e
     if model.lora.rank > 0:
-        fresh = trainer.init_params(fns, exp.stage_seed(name))
+        fresh = trainer.init_params(fns, node.seed)
         return nnx.merge_state(restored, nnx.split_state(fresh, model_lib.LoRAParam, ...)[0])
     merged, _ = model_lib.merge_lora(nnx.to_pure_dict(restored), parent_model)
     shapes = fns.state_shapes.params
@@ -132,44 +193,20 @@ def _resume(mngr, fns: trainer.StepFunctions, batches):
     )
 
 
-def callbacks(name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta, log):
+def callbacks(run: StageRun) -> tuple[list[cb.Callback], cb.EarlyStopRule]:
     """The stage's callbacks in the order of their effects, and its early-stopping rule."""
-    model = exp.model_for(name)
-    flops = model_lib.flops_per_token(model, plan.seq_len)
-    peak = rt.peak_flops(model.dtype)
-    progress = cb.Progress(log, os.path.basename(run_dir), plan, flops, peak, t.step, exp.log_every)
-    tokens = cb.TokenCount(record)
+    exp = run.node.exp
     es = exp.posttrain.early_stop
-    rule = cb.EarlyStopRule(es.patience, es.min_delta, record.early_stop)
-    early = exp.early_stopping(name)
-
-    def losses(domains: tuple[str, ...]) -> dict[str, float]:
-        return evaluate.losses(rt, t.fns, t.state.params, corpus, domains, exp.eval_batch)
-
-    validation = cb.Validation(
-        losses, exp.eval_every or exp.ckpt_every, log, record, rule if early else None, es.every
-    )
-
-    def items() -> dict:
-        return {"params": t.state.params, "optimizer": _optimizer_item(t.state)}
-
-    saving = cb.Checkpointing(
-        mngr,
-        exp.ckpt_every,
-        60.0 * exp.ckpt_every_minutes,
-        exp.log_every,
-        items,
-        batches,
-        progress,
-        tokens,
-        log,
-        record,
-        {**(meta or {}), "stage": name},
-    )
-    steps = [tokens, progress, validation, saving]
+    rule = cb.EarlyStopRule(es.patience, es.min_delta, run.record.early_stop)
+    steps = [
+        cb.TokenCount(run.record),
+        cb.Progress(run),
+        cb.Validation(run, rule if run.node.early_stopping else None),
+        cb.Checkpointing(run),
+    ]
     if exp.profile_steps:
-        steps.append(cb.Profile(run_dir, *exp.profile_steps))
-    return [*steps, cb.Preemption(saving)], rule
+        steps.append(cb.Profile(run.run_dir, *exp.profile_steps))
+    return [*steps, cb.Preemption(run)], rule
 
 
 def show_parameters(rt: runtime_lib.Runtime, params, run_dir: str) -> None:
@@ -191,89 +228,97 @@ def show_parameters(rt: runtime_lib.Runtime, params, run_dir: str) -> None:
 
 
 def run(
-    name: str,
-    exp: config.Experiment,
+    node: graph.Node,
     run_dir: str,
     corpus: data.Corpus,
     rt: runtime_lib.Runtime,
     parent: tuple[str, int] | None = None,
-    meta: dict | None = None,
     extra_callbacks: Sequence[cb.Callback] = (),
 ) -> dict:
-    """Runs (or finishes) stage `name` of node `exp` in `run_dir` and returns its result.
+    """Runs (or finishes) `node`'s stage in `run_dir` and returns its result.
 
-    `parent` is (parent run directory, its result step) for a branched stage; `meta` is
-    lineage recorded in every checkpoint (ids, swept values); `extra_callbacks` run after
-    the stage's own (fault injection in tests).
+    `parent` is (parent run directory, its result step) for a branched stage;
+    `extra_callbacks` run after the stage's own (fault injection in tests).
     """
     done = read_result(run_dir)
     if done is not None:
         return done
     if jax.process_index() == 0:
         epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
-    plan = data.plan(name, exp)
-    fns = rt.step_functions(exp.model_for(name), exp.stage(name).optimizer)
+    run = _open(node, run_dir, corpus, rt, parent)
+    state, run.record = start_state(run, resolve_start(run.mngr.latest_step(), parent))
+    show_parameters(rt, state.params, run_dir)
+    plan = node.plan
+    executable = None
+    if int(jax.device_get(state.step)) < plan.num_steps:
+        executable, run.record.compiled_s = rt.train_executable(run.fns, plan.batch, plan.seq_len)
+    rng = jax.random.fold_in(jax.random.PRNGKey(node.seed), config.STAGES.index(node.stage))
+    run.trainer = trainer.Trainer(run.fns, executable, state, rng)
+    run.log = cb.MetricsLog(run_dir, run.trainer.step)
+    try:
+        own, rule = callbacks(run)
+        run.callbacks = [*own, *extra_callbacks]
+        stop = node.early_stopping and rule.stopped
+        try:
+            cb.run_loop(run.trainer, run.batches, run.callbacks, plan.num_steps, stop)
+        finally:  # a failing stage still commits the checkpoint it was writing
+            run.mngr.wait_until_finished()
+        run.mngr.close()
+        early = node.early_stopping
+        result_step = rule.best_step if early and run.record.evals else run.trainer.step
+        return finish(run, result_step, early and rule.stopped)
+    finally:
+        run.log.close()
+
+
+def _open(node, run_dir, corpus, rt, parent) -> StageRun:
+    """The stage's step functions, data iterator and checkpoint manager."""
     batches = data.loader(
         corpus,
-        plan,
-        exp.data.read_threads,
+        node.plan,
+        node.exp.data.read_threads,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    meta = {
+        "id": node.id,
+        "parent": node.parent.id if node.parent else None,
+        "parent_step": parent[1] if parent else None,
+        "swept": node.swept,
+        "stage": node.stage,
+    }
+    fns = rt.step_functions(node.model, node.optimizer)
     mngr = checkpoint.manager(os.path.join(run_dir, "ckpt"))
-    start = resolve_start(mngr.latest_step(), parent)
-    state, record = start_state(start, fns, mngr, batches, exp, name, plan)
-    show_parameters(rt, state.params, run_dir)
-    executable = None
-    if int(jax.device_get(state.step)) < plan.num_steps:
-        executable, record.compiled_s = rt.train_executable(fns, plan.batch, plan.seq_len)
-    rng = jax.random.fold_in(jax.random.PRNGKey(exp.stage_seed(name)), config.STAGES.index(name))
-    t = trainer.Trainer(fns, executable, state, rng)
-    log = cb.MetricsLog(run_dir, t.step)
-    try:
-        steps, rule = callbacks(
-            name, exp, run_dir, corpus, rt, t, plan, record, mngr, batches, meta, log
-        )
-        early = exp.early_stopping(name)
-        try:
-            loop = [*steps, *extra_callbacks]
-            cb.run_loop(t, batches, loop, plan.num_steps, early and rule.stopped)
-        finally:  # a failing stage still commits the checkpoint it was writing
-            mngr.wait_until_finished()
-        mngr.close()
-        result_step = rule.best_step if early and record.evals else t.step
-        stopped = early and rule.stopped
-        return finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped, log)
-    finally:
-        log.close()
+    return StageRun(node, run_dir, corpus, rt, fns, batches, mngr, meta)
 
 
-def finish(name, exp, run_dir, corpus, rt, t, plan, record, result_step, stopped, log) -> dict:
+def finish(run: StageRun, result_step: int, stopped: bool) -> dict:
     """Evaluates the result step on every domain, logs it as `final/<domain>` at that step,
     adds the forecast probes after post-training and writes `result.json` (last), so
     every child reads them."""
-    params = t.state.params
-    if result_step != t.step:
-        ckpt = os.path.join(run_dir, "ckpt")
-        params = checkpoint.restore_params(ckpt, result_step, t.fns.state_shapes.params)
-    val = evaluate.losses(rt, t.fns, params, corpus, data.DOMAINS, exp.eval_batch)
+    node, state = run.node, run.trainer.state
+    params = state.params
+    if result_step != run.trainer.step:
+        ckpt = os.path.join(run.run_dir, "ckpt")
+        params = checkpoint.restore_params(ckpt, result_step, run.fns.state_shapes.params)
+    val = run.losses(data.DOMAINS, params)
     cb.check_finite(result_step, {f"val/{d}": v for d, v in val.items()})
-    log.write_final(result_step, {f"{tensorboard.FINAL}{d}": v for d, v in val.items()})
-    log.close()
+    run.log.write_final(result_step, {f"{tensorboard.FINAL}{d}": v for d, v in val.items()})
+    run.log.close()
     result = {
-        "stage": name,
-        "steps": t.step,
-        "planned_steps": plan.num_steps,
+        "stage": node.stage,
+        "steps": run.trainer.step,
+        "planned_steps": node.plan.num_steps,
         "result_step": result_step,
         "stopped_early": stopped,
         "val": val,
-        "tokens": dict(zip(data.DOMAINS, record.tokens)),
-        "planned_tokens": plan.tokens,
-        "evals": record.evals,
-        **record.timing(),
+        "tokens": dict(zip(data.DOMAINS, run.record.tokens)),
+        "planned_tokens": node.plan.tokens,
+        "evals": run.record.evals,
+        **run.record.timing(),
     }
-    if name == "posttrain" and exp.forecast.probes:
-        result["forecast"] = forecast.at_theta_post(rt, t.fns, exp, params, corpus)
+    if node.stage == "posttrain" and node.exp.forecast.probes:
+        result["forecast"] = forecast.at_theta_post(run.rt, run.fns, node.exp, params, run.corpus)
     if jax.process_index() == 0:
-        fileio.write_json(os.path.join(run_dir, RESULT), result)
+        fileio.write_json(os.path.join(run.run_dir, RESULT), result)
     return result

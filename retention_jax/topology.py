@@ -26,7 +26,7 @@ from typing import NoReturn
 
 import jax
 
-from retention_jax import config, data, experiment, sharding, trainer
+from retention_jax import config, cost, graph, sharding, trainer
 from retention_jax import model as model_lib
 
 GIB = 2**30
@@ -348,7 +348,7 @@ class Program:
     alias_bytes: int
     hlo: Hlo
     kernel_flops: float  # per chip per call inside Mosaic kernels (the model's attention)
-    model_flops: float  # per chip per call, model.flops_per_token (6N + attention)
+    model_flops: float  # per chip per call, cost.flops_per_token (6N + attention)
     attention: str
     compile_s: float
 
@@ -415,31 +415,29 @@ def compile_graph(cfg, s: Slice, log: Callable[[str], None] = print) -> tuple[li
     """Compiles each distinct program of `cfg`'s graph for slice `s`: a train step per
     (model, optimizer, batch) and an evaluation step per model, with the config's mesh,
     rules and microbatches resolved for the slice's chips. Returns them and the mesh."""
-    nodes = experiment.expand(cfg, s.n_devices)
+    nodes = graph.expand(cfg, s.n_devices)
     exp0 = nodes[0].exp
     _check_hosts(nodes, s)
     mesh = sharding.make_mesh(exp0.mesh, devices(s))
     groups: dict[tuple, list] = {}
     for n in nodes:
-        model, opt = n.exp.model_for(n.stage), n.exp.stage(n.stage).optimizer
-        plan = data.plan(n.stage, n.exp)
-        fkey = (model, tuple(sorted(opt.static().items())))
-        groups.setdefault(("train", fkey, plan.batch, plan.seq_len), []).append(n)
-        groups.setdefault(("eval", (model, ()), n.exp.eval_batch, plan.seq_len), []).append(n)
+        fkey = (n.model, tuple(sorted(n.optimizer.static().items())))
+        groups.setdefault(("train", fkey, n.plan.batch, n.plan.seq_len), []).append(n)
+        groups.setdefault(("eval", (n.model, ()), n.exp.eval_batch, n.plan.seq_len), []).append(n)
     fns_cache: dict = {}
     programs = []
     for (kind, _, rows, seq_len), members in groups.items():
         n = members[0]
         stage = "+".join(dict.fromkeys(m.stage for m in members))  # stages sharing the program
-        model, opt = n.exp.model_for(n.stage), n.exp.stage(n.stage).optimizer
+        model, opt = n.model, n.optimizer
         key = (model, tuple(sorted(opt.static().items())))
         if key not in fns_cache:  # an eval step reuses its model's first step functions
             fns_cache[key] = trainer.step_functions(model, opt, mesh, n.exp.rules)
         fns = fns_cache[key]
         batch = fns.batch_shapes(rows, seq_len)
         tokens = rows * seq_len / s.n_devices  # a device's share
-        total = model_lib.flops_per_token(model, seq_len) * tokens
-        flops = (total, total - model_lib.flops_per_token(model, 0) * tokens)
+        total = cost.flops_per_token(model, seq_len) * tokens
+        flops = (total, total - cost.flops_per_token(model, 0) * tokens)
         with jax.set_mesh(mesh):
             attention = model_lib.attention_impl(model, seq_len)
         if kind == "train":
@@ -472,9 +470,8 @@ def compile_graph(cfg, s: Slice, log: Callable[[str], None] = print) -> tuple[li
 def _check_hosts(nodes, s: Slice) -> None:
     """Each host feeds an equal share of every batch."""
     for n in nodes:
-        plan = data.plan(n.stage, n.exp)
-        if plan.batch % s.hosts:
-            config.fail(f"{n.stage}.batch", plan.batch, f"a multiple of {s.hosts} hosts")
+        if n.plan.batch % s.hosts:
+            config.fail(f"{n.stage}.batch", n.plan.batch, f"a multiple of {s.hosts} hosts")
         if n.exp.eval_batch % s.hosts:
             config.fail("eval.batch", n.exp.eval_batch, f"a multiple of {s.hosts} hosts")
 

@@ -119,14 +119,14 @@ def test_dry_run_opens_every_source_and_tokenizer(tmp_path, capsys, monkeypatch)
     c = default.get_config("smoke")
     c.data.post.source = f"files:{tmp_path}/none/*.txt"
     with pytest.raises(errors.UserError, match=r"data.post.source='files:.*': no files match"):
-        experiment.run(c, str(tmp_path / "w"), dry_run=True)
+        experiment.dry_run(c)
     c = default.get_config("smoke")
     c.data.tokenizer = f"hf:{tmp_path}/missing-tokenizer"
     with pytest.raises(errors.UserError, match=r"data.tokenizer='hf:/.*missing-tokenizer'"):
-        experiment.run(c, str(tmp_path / "w"), dry_run=True)
+        experiment.dry_run(c)
     c = default.get_config("smoke")
     c.data.ft.source = "hf:someone/some-corpus"  # a hub id: left to the prepare step
-    experiment.run(c, str(tmp_path / "w"), dry_run=True)
+    experiment.dry_run(c)
     out = capsys.readouterr().out
     assert "data.ft.source='hf:someone/some-corpus': not checked, the hub is out of reach" in out
     assert not (tmp_path / "w").exists()

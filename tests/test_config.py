@@ -6,7 +6,7 @@ import re
 import pytest
 
 from configs import base, corpora, default, lambda_sweep, paper_1b, paper_135m
-from retention_jax import config, data, experiment
+from retention_jax import config, data, graph
 
 # (config module, argument, devices it is validated for, nodes in its graph)
 SHIPPED = [
@@ -25,8 +25,8 @@ SHIPPED = [
 def test_shipped_configs_validate_and_expand(module, arg, devices, nodes):
     c = module.get_config(arg) if arg else module.get_config()
     config.parse(c, devices)
-    graph = experiment.expand(c, devices)  # parses and validates every node
-    assert len(graph) == nodes
+    nodes_ = graph.expand(c, devices)  # parses and validates every node
+    assert len(nodes_) == nodes
     if arg.endswith("smoke") or module is default:  # runs here: built-in data only
         for d in ("pre", "post", "ft"):
             assert c.data[d].source.startswith("builtin:")
@@ -83,19 +83,19 @@ def test_bad_sweeps_are_named():
     c = base.get_config()
     c.sweep.posttrain = (("posttrain.learning_rate", (1e-3,)),)
     with pytest.raises(ValueError, match="sweep.posttrain='posttrain.learning_rate'"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
     c = base.get_config()
     c.sweep.finetune = (("finetune.lr", ()),)
     with pytest.raises(ValueError, match="sweep.finetune.finetune.lr"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
     c = base.get_config()
     c.sweep.finetune = (("finetune.lr",),)
     with pytest.raises(ValueError, match="sweep.finetune"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
     c = base.get_config()
     c.sweep.finetune = (("pretrain.exposure.lam", (0.0, 1.0)),)
     with pytest.raises(ValueError, match=r"sweep.finetune='pretrain.exposure.lam'.*finetune\."):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
 
 
 @pytest.mark.parametrize(
@@ -106,14 +106,14 @@ def test_seeds_are_set_by_replicates_never_swept(stage, path):
     c = base.get_config()
     c.sweep[stage] = ((path, (0, 1)),)
     with pytest.raises(ValueError, match=rf"sweep.{stage}='{path}': no seed: replicates=N"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
 
 
 def test_replicates_copy_the_graph_with_paired_seeds():
     c = base.get_config()  # 2 λ x 1 stage-2 LR x 2 stage-3 LRs: 8 nodes a replicate
     c.posttrain.seed = 7
     c.replicates = 3
-    nodes = experiment.expand(c, 8)
+    nodes = graph.expand(c, 8)
     assert len(nodes) == 24
     assert [n.stage for n in nodes] == sorted((n.stage for n in nodes), key=config.STAGES.index)
     for n in nodes:
@@ -122,10 +122,10 @@ def test_replicates_copy_the_graph_with_paired_seeds():
         assert (n.exp.seed, n.exp.data.seed, n.exp.posttrain.seed) == (r, r, 7 + r)
     one = base.get_config()
     one.posttrain.seed = 7
-    first = [n.id for n in experiment.expand(one, 8)]
+    first = [n.id for n in graph.expand(one, 8)]
     assert [n.id for n in nodes if n.replicate == 0] == first  # replicate 0 is the config
     c.replicate_pools = False
-    assert {n.exp.data.seed for n in experiment.expand(c, 8)} == {0}
+    assert {n.exp.data.seed for n in graph.expand(c, 8)} == {0}
 
 
 @pytest.mark.parametrize(
@@ -136,14 +136,14 @@ def test_bad_replicates_are_named(key, value, allowed):
     c = base.get_config()
     c[key] = value
     with pytest.raises(config.ConfigError, match=rf"config key {key}={value}: {allowed}"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
 
 
 def test_bad_rules_are_named():
     c = base.get_config()
     c.rules = (("embed", "fsdp"), ("mlp", "model"))
     with pytest.raises(ValueError, match=r"rules=\('mlp', 'model'\)"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
 
 
 def test_linked_sweep_keys_change_together():
@@ -152,7 +152,7 @@ def test_linked_sweep_keys_change_together():
         ("posttrain.lr", (1e-3, 3e-3)),
         (("posttrain.compute_matched", "posttrain.warmup_fraction"), ((False, 0.0), (True, 0.25))),
     )
-    post = [n for n in experiment.expand(c, 8) if n.stage == "posttrain"]
+    post = [n for n in graph.expand(c, 8) if n.stage == "posttrain"]
     assert len(post) == 3 * 2 * 2  # three pretraining nodes × lr × the linked pair
     assert {
         (n.exp.posttrain.compute_matched, n.exp.posttrain.optimizer.warmup_fraction) for n in post
@@ -164,7 +164,7 @@ def test_linked_sweep_keys_change_together():
     }
     c.sweep.posttrain = ((("posttrain.lr", "posttrain.dropout"), ((1e-3,),)),)
     with pytest.raises(config.ConfigError, match="tuples of 2 values, one per linked path"):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
 
 
 def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
@@ -175,16 +175,16 @@ def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
         match=r"finetune.warmup_steps=4: a warmup shorter "
         r"than the stage's 4 steps",
     ):
-        experiment.expand(c, 8)
+        graph.expand(c, 8)
     c.finetune.allow_unreached_peak = True
-    assert len(experiment.expand(c, 8)) == 21
+    assert len(graph.expand(c, 8)) == 21
     c = default.get_config("smoke")
     c.posttrain.update(compute_matched=True, warmup_fraction=0.25)
     c.sweep.posttrain = (("posttrain.lr", (3e-3,)),)
     c.data.post_pool_tokens = 16_384
     c.sweep.pretrain = (("pretrain.exposure.lam", (0.0, 0.5)),)
     steps = {}
-    for n in experiment.expand(c, 8):
+    for n in graph.expand(c, 8):
         if n.stage == "posttrain":
             p = data.plan("posttrain", n.exp)
             sched = n.exp.posttrain.optimizer.schedule(p.num_steps, p.batch * p.seq_len)

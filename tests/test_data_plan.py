@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from retention_jax import config, data
+from retention_jax import config, data, graph
 from retention_jax.data.permute import epoch_permute, permute
 
 S = 32  # seq_len: the rounding unit is one sequence of S target tokens
@@ -189,7 +189,7 @@ def test_summary_is_json():
 )
 def test_validate_names_key_and_value(key, value, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        config.parse(raw(**{key: value}), 8)
+        graph.check_sources(config.parse(raw(**{key: value}), 8))
 
 
 def test_validate_window_too_small_and_replace_too_big():

@@ -270,7 +270,7 @@ def test_tfds_source_needs_extra():
 
 def test_bad_inputs_name_key_and_value(tmp_path, hub):
     with pytest.raises(ValueError, match="data.pre.source='gcs:bucket'"):
-        cfg(tmp_path, **{"data.pre.source": "gcs:bucket"})
+        data.prepare(cfg(tmp_path, **{"data.pre.source": "gcs:bucket"}).data, str(tmp_path), {})
     with pytest.raises(
         ValueError, match=r"data.post.source='files:/nonexistent/\*.txt': no files match"
     ):

@@ -273,10 +273,10 @@ def test_the_index_caches_entries_and_yields_to_them(tmp_path):
 
 def test_the_prepare_step_fills_every_store_the_graph_reads(tmp_path, capsys):
     from configs import default
-    from retention_jax import experiment
+    from retention_jax import experiment, graph
 
     c = default.get_config("smoke")
-    assert experiment.run(c, str(tmp_path), only=experiment.PREPARE) == []
+    assert experiment.run(c, str(tmp_path), only=graph.PREPARE) == []
     out = capsys.readouterr().out
     nodes = experiment.expand(c)
     needs = data.needs_of([data.plan(n.stage, n.exp) for n in nodes])

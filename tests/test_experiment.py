@@ -18,6 +18,7 @@ from retention_jax import (
     data,
     errors,
     experiment,
+    graph,
     runtime,
     sharding,
     stage,
@@ -92,7 +93,7 @@ def test_early_stop_rule():
 
 
 def test_dry_run_lists_nodes_and_budgets(capsys):
-    experiment.run(default.get_config("smoke"), "/nonexistent", dry_run=True)
+    experiment.dry_run(default.get_config("smoke"))
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.split()[0].split("-")[0] in config.STAGES]
     assert [line.split("-")[0] for line in lines] == ["pretrain"] * 3 + ["posttrain"] * 6 + [
@@ -109,12 +110,12 @@ def test_dry_run_lists_nodes_and_budgets(capsys):
     assert not os.path.exists("/nonexistent")
 
 
-def _smoke_node(name: str, lam: float = 0.0) -> experiment.Node:
+def _smoke_node(name: str, lam: float = 0.0) -> graph.Node:
     nodes = experiment.expand(default.get_config("smoke"))
     return next(n for n in nodes if n.stage == name and n.cfg.pretrain.exposure.lam == lam)
 
 
-def _copy_runs(src: str, dst: str, *nodes: experiment.Node) -> None:
+def _copy_runs(src: str, dst: str, *nodes: graph.Node) -> None:
     """Reuses finished parents of the shared smoke run instead of training them again."""
     for n in nodes:
         shutil.copytree(os.path.join(src, "runs", n.id), os.path.join(dst, "runs", n.id))
@@ -124,7 +125,7 @@ class _Killed(BaseException):
     """A kill: not a failure the graph contains (those derive from Exception)."""
 
 
-def _params(run_dir: str, step: int, node: experiment.Node):
+def _params(run_dir: str, step: int, node: graph.Node):
     e = node.exp
     mesh = sharding.make_mesh(e.mesh)
     fns = trainer.step_functions(
@@ -233,10 +234,10 @@ def test_changed_config_under_existing_id_is_refused(tmp_path):
 
 def test_select_nodes():
     nodes = experiment.expand(default.get_config("smoke"))
-    assert len(experiment.select(nodes, "finetune")) == 12
-    assert experiment.select(nodes, nodes[3].id[:14]) == [nodes[3]]
+    assert len(graph.select(nodes, "finetune")) == 12
+    assert graph.select(nodes, nodes[3].id[:14]) == [nodes[3]]
     with pytest.raises(errors.UserError, match="--only=nothing: matches no node; allowed: "):
-        experiment.select(nodes, "nothing")
+        graph.select(nodes, "nothing")
 
 
 def test_ids_are_content_addressed():

@@ -24,13 +24,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from retention_jax import callbacks, checkpoint, experiment, preflight, sharding, stage, trainer
+from retention_jax import (
+    callbacks,
+    checkpoint,
+    experiment,
+    graph,
+    preflight,
+    sharding,
+    stage,
+    trainer,
+)
 from retention_jax.data import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _node(name: str, lam: float = 0.0) -> experiment.Node:
+def _node(name: str, lam: float = 0.0) -> graph.Node:
     nodes = experiment.expand(default.get_config("smoke"))
     return next(n for n in nodes if n.stage == name and n.exp.pretrain.exposure.lam == lam)
 
@@ -65,7 +74,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def _shapes(node: experiment.Node):
+def _shapes(node: graph.Node):
     """The node's parameters as a restore target (shapes and shardings)."""
     e = node.exp
     fns = trainer.step_functions(
@@ -74,12 +83,12 @@ def _shapes(node: experiment.Node):
     return fns.state_shapes.params
 
 
-def _params(run_dir: str, step: int, node: experiment.Node):
+def _params(run_dir: str, step: int, node: graph.Node):
     ckpt = os.path.join(run_dir, "ckpt")
     return jax.device_get(checkpoint.restore_params(ckpt, step, _shapes(node)))
 
 
-def _same_result(smoke_workdir: str, workdir: str, node: experiment.Node) -> None:
+def _same_result(smoke_workdir: str, workdir: str, node: graph.Node) -> None:
     a, b = (stage.read_result(os.path.join(w, "runs", node.id)) for w in (smoke_workdir, workdir))
     for key in ("val", "tokens", "steps", "result_step", "evals", "stopped_early"):
         assert a[key] == b[key], key
@@ -453,7 +462,7 @@ def test_a_flipped_bit_in_the_latest_step_falls_back_to_the_step_before(smoke_wo
     assert os.path.isdir(os.path.join(ckpt, f"{latest}{checkpoint.DAMAGED}"))  # kept to inspect
 
 
-def _matched(lam: float) -> experiment.Node:
+def _matched(lam: float) -> graph.Node:
     nodes = experiment.expand(default.get_config("smoke"))
     return next(
         n

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from configs import corpora, lambda_sweep, paper_1b, paper_135m
-from retention_jax import data, experiment
+from retention_jax import data, experiment, graph
 
 early_exposure = importlib.import_module("configs.1b_early_exposure")
 
@@ -66,7 +66,7 @@ def test_graph_sizes(module, arg, counts):
 
 
 def _plans(cfg) -> list:
-    return [(n, data.plan(n.stage, n.exp)) for n in experiment.expand(cfg)]
+    return [(n, n.plan) for n in experiment.expand(cfg)]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_fig3_lr_sensitivity_extends_the_main_sweep(setting, capsys):
     post = [n for n in arm if n.stage == "posttrain"]
     assert sorted({n.cfg.posttrain.lr for n in post}) == [5e-4, 1e-3, 5e-3]
     assert {n.cfg.posttrain.batch for n in post} == {192}
-    print(experiment.plan_table(arm))
+    print(graph.plan_table(arm))
     assert "105 nodes" in capsys.readouterr().out  # the dry run shows the arm's cost
 
 
