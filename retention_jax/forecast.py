@@ -32,9 +32,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from retention_jax import config, data, train, trainer
+from retention_jax import config, data, trainer
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
+from retention_jax import steps as steps_lib
 
 PROBES = ("interference", "cosine", "curvature", "sharpness", "trace", "lookahead")
 
@@ -79,10 +80,10 @@ def hutchinson(step: Callable, zs: list) -> float:
 
 
 def adamw_update(static: dict, params, opt, grads, step: jax.Array, hp: dict) -> tuple:
-    """One stage-3 update exactly as `train.train_step` applies it (clipping, Adam
+    """One stage-3 update exactly as `steps.train_step` applies it (clipping, Adam
     moments, the decoupled decay, the warmup-cosine LR of `hp`): (params, opt)."""
-    adam, opt = train.make_tx(static).update(grads, opt, params)
-    lr = train.learning_rate(step, hp)
+    adam, opt = steps_lib.make_tx(static).update(grads, opt, params)
+    lr = steps_lib.learning_rate(step, hp)
     exclude = tuple(static["decay_exclude"])
     updates = jax.tree_util.tree_map_with_path(
         functools.partial(_decoupled, lr, hp["weight_decay"], exclude), adam, params
@@ -91,7 +92,7 @@ def adamw_update(static: dict, params, opt, grads, step: jax.Array, hp: dict) ->
 
 
 def _decoupled(lr, wd, exclude, path, u, p):
-    return -lr * (u + wd * p if train.decays(path, exclude) else u)
+    return -lr * (u + wd * p if steps_lib.decays(path, exclude) else u)
 
 
 def lookahead(grad_ft: Callable, loss_post: Callable, update: Callable, params, opt, k: int):
@@ -105,9 +106,9 @@ def lookahead(grad_ft: Callable, loss_post: Callable, update: Callable, params, 
 
 
 def cumulative_lr(schedule: dict, steps: int) -> float:
-    """Σ of the stage-3 LR over its first `steps` steps (the schedule of `train`)."""
-    hp = train.hparams(schedule)
-    return float(sum(train.learning_rate(jnp.asarray(s), hp) for s in range(steps)))
+    """Σ of the stage-3 LR (`steps_lib.learning_rate`) over its first `steps` steps."""
+    hp = steps_lib.hparams(schedule)
+    return float(sum(steps_lib.learning_rate(jnp.asarray(s), hp) for s in range(steps)))
 
 
 def extrapolate(l_0: float, l_k: float, schedule: dict, k: int, num_steps: int) -> float:
@@ -209,7 +210,7 @@ def probe(
 
     def loss(p, r, batch):
         rows = jax.tree.map(lambda a: a[::stride], batch)
-        sums = train.eval_step(fns.graphdef, nnx.merge_state(p, r), rows)
+        sums = steps_lib.eval_step(fns.graphdef, nnx.merge_state(p, r), rows)
         return sums[0] / jnp.maximum(sums[1], 1.0)
 
     m = _Meter(rt)
@@ -222,8 +223,8 @@ def probe(
         (base, rest, post_batch, base),
     )
     align = m.program("alignment", key, alignment, (base, base))
-    init = m.program("init", key, train.make_tx(static).init, (base,))
-    hp = _replicated(rt, train.hparams(exp.finetune.optimizer.schedule(1, 1)))
+    init = m.program("init", key, steps_lib.make_tx(static).init, (base,))
+    hp = _replicated(rt, steps_lib.hparams(exp.finetune.optimizer.schedule(1, 1)))
     zero = _replicated(rt, np.zeros((), np.int32))
     update = m.program(
         "update",
@@ -252,7 +253,7 @@ def probe(
         schedule = dataclasses.replace(exp.finetune.optimizer, lr=lr).schedule(
             plan.num_steps, plan.batch * plan.seq_len
         )
-        hp_lr = _replicated(rt, train.hparams(schedule))
+        hp_lr = _replicated(rt, steps_lib.hparams(schedule))
 
         def update_at(p, o, g, s, hp=hp_lr):
             return m.call("lookahead", update, p, o, g, _replicated(rt, np.int32(s)), hp)

@@ -1,4 +1,4 @@
-"""What turns the pure steps of `train.py` into a running stage: jitted programs and a trainer.
+"""What turns the pure steps of `steps.py` into a running stage: jitted programs and a trainer.
 
 `StepFunctions` are the sharded, donating, jitted train and eval steps of one (model,
 static optimizer, mesh, rules) combination; the runtime caches them and their compiled
@@ -20,8 +20,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from retention_jax import config, data, sharding, train
+from retention_jax import config, data, sharding
 from retention_jax import model as model_lib
+from retention_jax import steps as steps_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +31,9 @@ class StepFunctions:
 
     graphdef: nnx.GraphDef
     mesh: jax.sharding.Mesh
-    state_sharding: train.TrainState
+    state_sharding: steps_lib.TrainState
     batch_sharding: NamedSharding
-    state_shapes: train.TrainState  # ShapeDtypeStructs with shardings: AOT and restore target
+    state_shapes: steps_lib.TrainState  # ShapeDtypeStructs with shardings: AOT and restore target
     train: Callable
     evaluate: Callable
     init_opt: Callable  # params -> fresh optimizer state, in its shardings
@@ -91,45 +92,28 @@ def step_functions(
     """Builds the sharded, donating, jitted train and eval steps (nothing is compiled)."""
     lora_only = model.lora.rank > 0
     static = {**optimizer.static(), "lora_only": lora_only}
-    tx = train.make_tx(static)
+    tx = steps_lib.make_tx(static)
     graphdef, abs_params = model_lib.abstract_state(model, mesh, rules)
-    param_sh = jax.tree.map(lambda x: x.sharding, abs_params)
-    replicated = NamedSharding(mesh, P())
 
     def init_opt(params):  # optimizer state for the trained parameters only
-        return tx.init(train.trainable(params, lora_only)[0])
+        return tx.init(steps_lib.trainable(params, lora_only)[0])
 
     def init_params(key):  # a traced key: one compile serves every seed
         with nnx.logical_axis_rules(rules):
             return nnx.state(model_lib.Transformer(model, rngs=nnx.Rngs(params=key)))
 
-    abs_opt = jax.eval_shape(init_opt, abs_params)
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abs_opt,
-        train.trainable(param_sh, lora_only)[0],
-        transform_non_params=lambda _: replicated,
-    )
-    hp_sh = {k: replicated for k in train.HPARAMS}
-    state_sh = train.TrainState(replicated, param_sh, opt_sh, hp_sh)
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    state_shapes = train.TrainState(
-        scalar(jnp.int32),
-        abs_params,
-        abstract(abs_opt, opt_sh),
-        {k: scalar(jnp.float32) for k in train.HPARAMS},
-    )
+    state_sh, state_shapes = _state_layout(mesh, tx, init_opt, abs_params, lora_only)
     batch_sh = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
     train_fn = jax.jit(
-        functools.partial(train.train_step, graphdef, static),
+        functools.partial(steps_lib.train_step, graphdef, static),
         in_shardings=(state_sh, batch_sh, replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        functools.partial(train.eval_step, graphdef),
-        in_shardings=(param_sh, batch_sh),
+        functools.partial(steps_lib.eval_step, graphdef),
+        in_shardings=(state_sh.params, batch_sh),
         out_shardings=replicated,
     )
     return StepFunctions(
@@ -140,13 +124,40 @@ def step_functions(
         state_shapes,
         train_fn,
         eval_fn,
-        jax.jit(init_opt, out_shardings=opt_sh),
+        jax.jit(init_opt, out_shardings=state_sh.opt),
         jax.jit(
             init_params,
-            out_shardings=param_sh,
+            out_shardings=state_sh.params,
             compiler_options=CPU_INIT_COMPILER_OPTIONS if _on_cpu(mesh) else None,
         ),
     )
+
+
+def _state_layout(
+    mesh: jax.sharding.Mesh, tx, init_opt: Callable, abs_params: nnx.State, lora_only: bool
+) -> tuple[steps_lib.TrainState, steps_lib.TrainState]:
+    """(shardings, shapes) of the train state, the shapes as ShapeDtypeStructs carrying the
+    shardings: Adam moments are sharded like their parameters; the step, the optimizer's
+    counters and the hyperparameters are replicated."""
+    param_sh = jax.tree.map(lambda x: x.sharding, abs_params)
+    replicated = NamedSharding(mesh, P())
+    abs_opt = jax.eval_shape(init_opt, abs_params)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abs_opt,
+        steps_lib.trainable(param_sh, lora_only)[0],
+        transform_non_params=lambda _: replicated,
+    )
+    hp_sh = {k: replicated for k in steps_lib.HPARAMS}
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    shapes = steps_lib.TrainState(
+        scalar(jnp.int32),
+        abs_params,
+        abstract(abs_opt, opt_sh),
+        {k: scalar(jnp.float32) for k in steps_lib.HPARAMS},
+    )
+    return steps_lib.TrainState(replicated, param_sh, opt_sh, hp_sh), shapes
 
 
 def put_host(tree: Any, shardings: Any) -> Any:
@@ -158,11 +169,11 @@ def put_host(tree: Any, shardings: Any) -> Any:
     return jax.device_put(jax.tree.map(np.asarray, tree), shardings)
 
 
-def fresh_state(fns: StepFunctions, params: nnx.State, schedule: dict) -> train.TrainState:
+def fresh_state(fns: StepFunctions, params: nnx.State, schedule: dict) -> steps_lib.TrainState:
     """A new optimizer and schedule around `params` (a new stage or a branch)."""
-    hp = put_host(train.hparams(schedule), fns.state_sharding.hp)
+    hp = put_host(steps_lib.hparams(schedule), fns.state_sharding.hp)
     step = put_host(np.zeros((), np.int32), fns.state_sharding.step)
-    return train.TrainState(step, params, fns.init_opt(params), hp)
+    return steps_lib.TrainState(step, params, fns.init_opt(params), hp)
 
 
 def init_params(fns: StepFunctions, seed: int) -> nnx.State:
@@ -178,7 +189,7 @@ def init_params(fns: StepFunctions, seed: int) -> nnx.State:
 class Trainer:
     """One stage's compiled train step, its state, rng and step counter."""
 
-    def __init__(self, fns: StepFunctions, executable: Callable, state: train.TrainState, rng):
+    def __init__(self, fns: StepFunctions, executable: Callable, state: steps_lib.TrainState, rng):
         self.fns, self.executable, self.state = fns, executable, state
         self.rng = put_host(rng, fns.state_sharding.step)
         self.step = int(jax.device_get(state.step))

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as sp
 
 from configs import default
-from retention_jax import config, data, fileio, forecast, runtime, sharding, train, trainer
+from retention_jax import config, data, fileio, forecast, runtime, sharding, trainer
+from retention_jax import steps as steps_lib
 from retention_jax.analysis import forecast as fc
 from retention_jax.analysis import report, results
 
@@ -67,7 +68,7 @@ def test_lookahead_of_a_quadratic_is_its_exact_adamw_step():
     def update(p, o, g, s):
         return forecast.adamw_update(static, p, o, g, jnp.asarray(s), hp)
 
-    opt = train.make_tx(static).init(THETA)
+    opt = steps_lib.make_tx(static).init(THETA)
     curve = forecast.lookahead(jax.grad(L_FT), L_POST, update, THETA, opt, 1)
     theta = np.asarray(THETA["w"], np.float64)
     g = A_FT @ theta + B_FT

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import base, paper_1b, paper_135m
-from retention_jax import config, data, presets, runtime, sharding, train, trainer
+from retention_jax import config, data, presets, runtime, sharding, trainer
 from retention_jax import model as model_lib
+from retention_jax import steps as steps_lib
 
 # Tiny config, seed 0, the batch below, pretrain optimizer with 100 total steps.
 GOLDEN_LOSSES = [6.269769, 6.233201, 6.16709]
@@ -118,11 +119,11 @@ def test_eight_devices_match_one():
 
 
 def test_schedule_warmup_then_cosine():
-    hp = train.hparams(
+    hp = steps_lib.hparams(
         config.parse_optimizer(base.get_config().pretrain, "pretrain").schedule(110, 1)
     )
     hp.update(lr=jnp.float32(1.0), min_lr=jnp.float32(0.1), warmup_steps=jnp.float32(10))
-    lrs = [float(train.learning_rate(jnp.int32(s), hp)) for s in (0, 4, 9, 10, 60, 110, 200)]
+    lrs = [float(steps_lib.learning_rate(jnp.int32(s), hp)) for s in (0, 4, 9, 10, 60, 110, 200)]
     np.testing.assert_allclose(lrs, [0.1, 0.5, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
 
 
@@ -131,7 +132,7 @@ def test_weight_decay_skips_norms():
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     params = nnx.state(model_lib.create(config.parse_model(c.model), mesh, c.rules, 0))
     decayed = {
-        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): train.decays(path, ("norm",))
+        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): steps_lib.decays(path, ("norm",))
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     }
     assert not decayed["final_norm"] and not decayed["layers/attn_norm"]
