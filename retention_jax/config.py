@@ -578,6 +578,51 @@ def smallest_devices(sizes: Mapping[str, int]) -> int:
     return math.prod(n for n in sizes.values() if isinstance(n, int) and n > 0)
 
 
+def _pretrain(s: _Section, rows: int, processes: int) -> Pretrain:
+    ex = s.section("exposure")
+    window = ex.raw("window")
+    try:
+        a, b = (float(x) for x in window)
+    except (TypeError, ValueError):
+        fail(ex.key("window"), window, "(start, end) fractions of the stage")
+    if not 0.0 <= a < b <= 1.0:
+        fail(ex.key("window"), window, "(start, end) with 0 <= start < end <= 1")
+    exposure = Exposure(ex.num("lam", 0, 1), ex.choice("mode", EXPOSURE_MODES), (a, b))
+    ex.done()
+    batch = _batch(s, "batch", rows, processes)
+    init = s.str("init", empty=True)
+    if init and not (init.startswith("hf:") and init[3:]):
+        fail(s.key("init"), init, "'' (a fresh initialisation) or 'hf:HUB_ID_OR_DIR'")
+    out = Pretrain(s.int("tokens", 0), batch, exposure, _optimizer(s, batch // rows), init)
+    s.done()
+    return out
+
+
+def _posttrain(s: _Section, rows: int, processes: int, seed: int) -> Posttrain:
+    """Stage 2; its `seed` -1 means the experiment's `seed`."""
+    es = s.section("early_stop")
+    early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
+    es.done()
+    own_seed = s.raw("seed")
+    if own_seed != -1:
+        own_seed = s.seed("seed")
+    lora = _lora(s.section("lora"))
+    batch = _batch(s, "batch", rows, processes)
+    out = Posttrain(
+        lora=lora,
+        seed=seed if own_seed == -1 else own_seed,
+        batch=batch,
+        max_tokens=s.int("max_tokens", 0),
+        dropout=s.num("dropout", 0, 1, open_high=True),
+        replay=s.num("replay", 0, 1, open_high=True),
+        compute_matched=s.bool("compute_matched"),
+        early_stop=early,
+        optimizer=_optimizer(s, batch // rows),
+    )
+    s.done()
+    return out
+
+
 def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Experiment:
     """The typed, validated experiment of `cfg` (the sweep is checked by `check_sweep`)."""
     root = _Section(cfg, "")
@@ -592,41 +637,8 @@ def parse(cfg: mlc.ConfigDict, num_devices: int, num_processes: int = 1) -> Expe
     model = parse_model(root.raw("model"), mesh)
     data = _data(root.section("data"))
     s1, s2, s3 = (root.section(name) for name in STAGES)
-    ex = s1.section("exposure")
-    window = ex.raw("window")
-    try:
-        a, b = (float(x) for x in window)
-    except (TypeError, ValueError):
-        fail(ex.key("window"), window, "(start, end) fractions of the stage")
-    if not 0.0 <= a < b <= 1.0:
-        fail(ex.key("window"), window, "(start, end) with 0 <= start < end <= 1")
-    exposure = Exposure(ex.num("lam", 0, 1), ex.choice("mode", EXPOSURE_MODES), (a, b))
-    ex.done()
-    b1 = _batch(s1, "batch", rows, num_processes)
-    init = s1.str("init", empty=True)
-    if init and not (init.startswith("hf:") and init[3:]):
-        fail(s1.key("init"), init, "'' (a fresh initialisation) or 'hf:HUB_ID_OR_DIR'")
-    pretrain = Pretrain(s1.int("tokens", 0), b1, exposure, _optimizer(s1, b1 // rows), init)
-    s1.done()
-    es = s2.section("early_stop")
-    early = EarlyStop(es.int("every", 0), es.int("patience", 0), es.num("min_delta", 0, math.inf))
-    es.done()
-    post_seed = s2.raw("seed")
-    if post_seed != -1:
-        post_seed = s2.seed("seed")
-    lora = _lora(s2.section("lora"))
-    posttrain = Posttrain(
-        lora=lora,
-        seed=seed if post_seed == -1 else post_seed,
-        batch=(b2 := _batch(s2, "batch", rows, num_processes)),
-        max_tokens=s2.int("max_tokens", 0),
-        dropout=s2.num("dropout", 0, 1, open_high=True),
-        replay=s2.num("replay", 0, 1, open_high=True),
-        compute_matched=s2.bool("compute_matched"),
-        early_stop=early,
-        optimizer=_optimizer(s2, b2 // rows),
-    )
-    s2.done()
+    pretrain = _pretrain(s1, rows, num_processes)
+    posttrain = _posttrain(s2, rows, num_processes, seed)
     b3 = _batch(s3, "batch", rows, num_processes)
     finetune = Finetune(s3.int("tokens", 0), b3, _optimizer(s3, b3 // rows))
     s3.done()

@@ -156,10 +156,7 @@ def _branch_params(start: Start, fns: trainer.StepFunctions, node: graph.Node):
         fresh = trainer.init_params(fns, node.seed)
         return nnx.merge_state(restored, nnx.split_state(fresh, model_lib.LoRAParam, ...)[0])
     merged, _ = model_lib.merge_lora(nnx.to_pure_dict(restored), parent_model)
-    shapes = fns.state_shapes.params
-    params = jax.tree.map(lambda a: a, shapes)  # a copy to fill in
-    nnx.replace_by_pure_dict(params, merged)
-    return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), params, shapes)
+    return model_lib.put_pure(fns.state_shapes.params, merged)
 
 
 def _resume(mngr, fns: trainer.StepFunctions, batches):
