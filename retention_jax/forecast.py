@@ -25,6 +25,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -201,11 +202,35 @@ def probe(
 
     Derivatives are with respect to the base weights (LoRA adapters held fixed: the same
     function, and the gradient of the merged weights)."""
-    f = exp.forecast
-    stride = exp.eval_batch // f.rows
     base, rest = nnx.split_state(params, model_lib.BASE_PARAMS, ...)
-    plan = data.plan("finetune", exp)
-    k = lookahead_steps(f.lookahead, plan.num_steps)
+    m = _Meter(rt)
+    run = _programs(m, fns, exp, base, rest, post_batch)
+    s = _Session(m, run, base, rest, post_batch, ft_batch)
+    out = _gradient_probes(s)
+    out |= _hessian_probes(s, exp.forecast)
+    out["lookahead"] = _lookahead_probe(s, exp, out["L_post"]["value"])
+    for name, c in m.cost.items():
+        out[name].update(c)
+    out["cosine"].update(m.cost["interference"])  # the same calls
+    out["compile_s"] = m.compile_s  # 0 once this process compiled the programs
+    out["settings"] = {**dataclasses.asdict(exp.forecast), "lrs": list(exp.forecast.lrs)}
+    return out
+
+
+class _Programs(NamedTuple):
+    """The runtime's keys of the five compiled programs (`_Meter.program`)."""
+
+    grad: tuple  # (base, rest, batch) -> (L, ∇L)
+    hess: tuple  # (base, rest, batch, v) -> (Hv / ‖Hv‖, vᵀHv)
+    align: tuple  # (g_post, g_ft) -> (-⟨g_post, g_ft⟩, -cos)
+    init: tuple  # base -> a fresh stage-3 optimizer state
+    update: tuple  # (base, opt, g, step, hp) -> (base, opt): one stage-3 step
+
+
+def _programs(m: _Meter, fns: trainer.StepFunctions, exp, base, rest, batch) -> _Programs:
+    """The five programs, compiled once per runtime for arguments shaped like these; the
+    loss reads every `stride`-th row of a batch (`forecast.rows` rows)."""
+    stride = exp.eval_batch // exp.forecast.rows
     static = exp.finetune.optimizer.static()
 
     def loss(p, r, batch):
@@ -213,67 +238,100 @@ def probe(
         sums = steps_lib.eval_step(fns.graphdef, nnx.merge_state(p, r), rows)
         return sums[0] / jnp.maximum(sums[1], 1.0)
 
-    m = _Meter(rt)
     key = (fns.graphdef, stride, tuple(sorted(static.items())))
-    grad = m.program("grad", key, jax.value_and_grad(loss), (base, rest, post_batch))
-    step = m.program(
+    grad = m.program("grad", key, jax.value_and_grad(loss), (base, rest, batch))
+    hess = m.program(
         "hvp",
         key,
         lambda p, r, b, v: hvp_step(lambda q: loss(q, r, b), p, v),
-        (base, rest, post_batch, base),
+        (base, rest, batch, base),
     )
     align = m.program("alignment", key, alignment, (base, base))
     init = m.program("init", key, steps_lib.make_tx(static).init, (base,))
-    hp = _replicated(rt, steps_lib.hparams(exp.finetune.optimizer.schedule(1, 1)))
-    zero = _replicated(rt, np.zeros((), np.int32))
+    hp = _replicated(m.rt, steps_lib.hparams(exp.finetune.optimizer.schedule(1, 1)))
+    zero = _replicated(m.rt, np.zeros((), np.int32))
     update = m.program(
         "update",
         key,
         functools.partial(adamw_update, static),
         (base, m.call("lookahead", init, base), base, zero, hp),
     )
+    return _Programs(grad, hess, align, init, update)
 
-    l_post, g_post = m.call("interference", grad, base, rest, post_batch)
-    _, g_ft = m.call("interference", grad, base, rest, ft_batch)
-    inter, cos = m.call("interference", align, g_post, g_ft)
-    out = {"L_post": {"value": float(l_post)}}
-    out["interference"] = {"value": float(inter)}
-    out["cosine"] = {"value": float(cos)}
-    _, curv = m.call("curvature", step, base, rest, post_batch, g_ft)
-    out["curvature"] = {"value": float(curv)}
-    (v0,) = _host_vectors(base, f.seed, 1, rademacher=False)
-    sharp = lambda v: m.call("sharpness", step, base, rest, post_batch, v)
-    out["sharpness"] = {"value": power_iteration(sharp, v0, f.power_iters)}
-    zs = _host_vectors(base, f.seed + 1, f.hutchinson, rademacher=True)
-    tr = lambda z: m.call("trace", step, base, rest, post_batch, z)
-    out["trace"] = {"value": hutchinson(tr, zs)}
 
+@dataclasses.dataclass(frozen=True)
+class _Session:
+    """What every probe's calls share: the meter, its programs, θ_post split into the base
+    weights (differentiated) and the rest (LoRA adapters, held fixed), and the batches."""
+
+    m: _Meter
+    run: _Programs
+    base: nnx.State
+    rest: nnx.State
+    post: dict
+    ft: dict
+
+
+def _gradient_probes(s: _Session) -> dict:
+    """L_post; interference and cosine from both gradients; curvature g_ftᵀ H_post g_ft."""
+    l_post, g_post = s.m.call("interference", s.run.grad, s.base, s.rest, s.post)
+    _, g_ft = s.m.call("interference", s.run.grad, s.base, s.rest, s.ft)
+    inter, cos = s.m.call("interference", s.run.align, g_post, g_ft)
+    _, curv = s.m.call("curvature", s.run.hess, s.base, s.rest, s.post, g_ft)
+    return {
+        "L_post": {"value": float(l_post)},
+        "interference": {"value": float(inter)},
+        "cosine": {"value": float(cos)},
+        "curvature": {"value": float(curv)},
+    }
+
+
+def _hessian_probes(s: _Session, f: config.Forecast) -> dict:
+    """Sharpness (power iteration) and trace (Hutchinson) of H_post from seeded vectors."""
+
+    def hvp_on_post(probe: str) -> Callable:
+        return lambda v: s.m.call(probe, s.run.hess, s.base, s.rest, s.post, v)
+
+    (v0,) = _host_vectors(s.base, f.seed, 1, rademacher=False)
+    sharpness = power_iteration(hvp_on_post("sharpness"), v0, f.power_iters)
+    zs = _host_vectors(s.base, f.seed + 1, f.hutchinson, rademacher=True)
+    return {
+        "sharpness": {"value": sharpness},
+        "trace": {"value": hutchinson(hvp_on_post("trace"), zs)},
+    }
+
+
+def _lookahead_probe(s: _Session, exp: config.Experiment, l_post: float) -> dict:
+    """L_post along the first k stage-3 steps at each stage-3 LR, and its extrapolation
+    to the stage-3 budget."""
+    plan = data.plan("finetune", exp)
+    k = lookahead_steps(exp.forecast.lookahead, plan.num_steps)
     curves, value = {}, {}
-    for lr in f.lrs:
+    for lr in exp.forecast.lrs:
         schedule = dataclasses.replace(exp.finetune.optimizer, lr=lr).schedule(
             plan.num_steps, plan.batch * plan.seq_len
         )
-        hp_lr = _replicated(rt, steps_lib.hparams(schedule))
-
-        def update_at(p, o, g, s, hp=hp_lr):
-            return m.call("lookahead", update, p, o, g, _replicated(rt, np.int32(s)), hp)
-
         curves[str(lr)] = curve = lookahead(
-            lambda p: m.call("lookahead", grad, p, rest, ft_batch)[1],
-            lambda p: m.call("lookahead", grad, p, rest, post_batch)[0],
-            update_at,
-            base,
-            m.call("lookahead", init, base),
+            lambda p: s.m.call("lookahead", s.run.grad, p, s.rest, s.ft)[1],
+            lambda p: s.m.call("lookahead", s.run.grad, p, s.rest, s.post)[0],
+            _update_at(s, schedule),
+            s.base,
+            s.m.call("lookahead", s.run.init, s.base),
             k,
         )
-        value[str(lr)] = extrapolate(float(l_post), curve[-1], schedule, k, plan.num_steps)
-    out["lookahead"] = {"value": value, "curve": curves, "steps": k, "budget_steps": plan.num_steps}
-    for name, c in m.cost.items():
-        out[name].update(c)
-    out["cosine"].update(m.cost["interference"])  # the same calls
-    out["compile_s"] = m.compile_s  # 0 once this process compiled the programs
-    out["settings"] = {**dataclasses.asdict(f), "lrs": list(f.lrs)}
-    return out
+        value[str(lr)] = extrapolate(l_post, curve[-1], schedule, k, plan.num_steps)
+    return {"value": value, "curve": curves, "steps": k, "budget_steps": plan.num_steps}
+
+
+def _update_at(s: _Session, schedule: dict) -> Callable:
+    """`update(params, opt, g, step)` of `lookahead`: the compiled stage-3 step under
+    `schedule`."""
+    hp = _replicated(s.m.rt, steps_lib.hparams(schedule))
+
+    def update(p, o, g, step: int):
+        return s.m.call("lookahead", s.run.update, p, o, g, _replicated(s.m.rt, np.int32(step)), hp)
+
+    return update
 
 
 def _replicated(rt: runtime_lib.Runtime, tree):
