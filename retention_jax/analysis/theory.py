@@ -159,7 +159,16 @@ class _Knobs(NamedTuple):
     stop: jax.Array  # stage 2 halts once the D_post loss <= stop; -inf under the protocol
 
 
-def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune):
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """GD steps of each stage in one batch's program: static (scan lengths), so hashable."""
+
+    pretrain: int
+    posttrain: int  # the batch's largest K: each run masks its steps past its own K
+    finetune: int
+
+
+def _one_run(sig_3xN, var_3xN, knobs: _Knobs, lr, steps: _Steps):
     """One model through the three stages; returns θ's diagonal and losses after each."""
     n = sig_3xN.shape[1]
     a_3xNxN = jax.vmap(jnp.diag)(sig_3xN)
@@ -167,7 +176,7 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
     def feature_losses(theta_NxN):  # 3xN: each task's loss, split by input feature
         return jnp.sum((theta_NxN[None] - a_3xNxN) ** 2 * var_3xN[:, None, :], axis=1)
 
-    def descend(params, objective, steps, active):
+    def descend(params, objective, n_steps, active):
         def step(carry, i):
             p, taken = carry
             g = jax.grad(lambda q: objective(q[0] @ q[1]))(p)
@@ -175,7 +184,7 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
             p = jax.tree.map(lambda x, d: jnp.where(on, x - lr * d, x), p, g)
             return (p, taken + on), None
 
-        (params, taken), _ = jax.lax.scan(step, (params, 0), jnp.arange(steps), unroll=8)
+        (params, taken), _ = jax.lax.scan(step, (params, 0), jnp.arange(n_steps), unroll=8)
         return params, taken
 
     w_NxN = jnp.exp(-knobs.T) * jnp.eye(n)
@@ -183,7 +192,7 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
     thetas = [params[0] @ params[1]]
     mix_3 = jnp.stack([1 - knobs.alpha, knobs.alpha, 0.0])
     params, _ = descend(
-        params, lambda th: mix_3 @ feature_losses(th).sum(1), steps_pretrain, lambda i, th: True
+        params, lambda th: mix_3 @ feature_losses(th).sum(1), steps.pretrain, lambda i, th: True
     )
     thetas.append(theta0_NxN := params[0] @ params[1])
 
@@ -193,10 +202,10 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
     def stage2_active(i, th):
         return (i < knobs.K) & (feature_losses(th)[1].sum() > knobs.stop)
 
-    params, post_steps = descend(params, proximal, k_max, stage2_active)
+    params, post_steps = descend(params, proximal, steps.posttrain, stage2_active)
     thetas.append(params[0] @ params[1])
     params, _ = descend(
-        params, lambda th: feature_losses(th)[2].sum(), steps_finetune, lambda i, th: True
+        params, lambda th: feature_losses(th)[2].sum(), steps.finetune, lambda i, th: True
     )
     thetas.append(params[0] @ params[1])
     th_4xNxN = jnp.stack(thetas)
@@ -209,16 +218,10 @@ def _one_run(sig_3xN, var_3xN, knobs, lr, steps_pretrain, k_max, steps_finetune)
     )
 
 
-@functools.partial(jax.jit, static_argnames=("steps_pretrain", "k_max", "steps_finetune"))
-def _pipeline(sig_3xN, var_3xN, knobs, lr, *, steps_pretrain, k_max, steps_finetune):
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _pipeline(sig_3xN, var_3xN, knobs: _Knobs, lr, steps: _Steps):
     """Every run of the batch through the three stages, in one compiled program."""
-    run = functools.partial(
-        _one_run,
-        lr=lr,
-        steps_pretrain=steps_pretrain,
-        k_max=k_max,
-        steps_finetune=steps_finetune,
-    )
+    run = functools.partial(_one_run, lr=lr, steps=steps)
     return jax.vmap(run, in_axes=(None, None, 0))(sig_3xN, var_3xN, knobs)
 
 
@@ -294,17 +297,8 @@ def simulate(
         K=jnp.asarray([c.K for c in cfgs], jnp.int32),
         stop=jnp.asarray(stops, jnp.float32),
     )
-    out = jax.device_get(
-        _pipeline(
-            jnp.stack(sig),
-            jnp.stack(var),
-            knobs,
-            cfg.lr,
-            steps_pretrain=cfg.steps_pretrain,
-            k_max=max(c.K for c in cfgs),
-            steps_finetune=cfg.steps_finetune,
-        )
-    )
+    steps = _Steps(cfg.steps_pretrain, max(c.K for c in cfgs), cfg.steps_finetune)
+    out = jax.device_get(_pipeline(jnp.stack(sig), jnp.stack(var), knobs, cfg.lr, steps=steps))
     return [
         Run(
             cfg=c,
@@ -514,28 +508,30 @@ def _block_tasks(cfg: Config, p: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(sig, np.float32), np.asarray(var, np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("steps_pretrain", "k_max", "steps_finetune"))
-def _block_pipeline(
-    sig_Rx3x3,
-    var_Rx3x3,
-    mix_Rx3,
-    t_R,
-    lam_R,
-    k_R,
-    impose_R,
-    lr,
-    *,
-    steps_pretrain,
-    k_max,
-    steps_finetune,
-):
-    """Per-block scalar dynamics of every run; θ per block after each stage."""
+class _BlockRuns(NamedTuple):
+    """The runs of one phase-diagram batch, R of them: per run, targets and input
+    variances (task x block), the stage-1 task mixture, T, λ, K, and whether C.6 is
+    imposed on it."""
 
-    def descend(a_Rx3, grad, steps, active):
+    sig_Rx3x3: jax.Array
+    var_Rx3x3: jax.Array
+    mix_Rx3: jax.Array
+    t_R: jax.Array
+    lam_R: jax.Array
+    k_R: jax.Array
+    impose_R: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _block_pipeline(runs: _BlockRuns, lr, steps: _Steps):
+    """Per-block scalar dynamics of every run; θ per block after each stage."""
+    sig_Rx3x3, var_Rx3x3, mix_Rx3, t_R, lam_R, k_R, impose_R = runs
+
+    def descend(a_Rx3, grad, n_steps, active):
         def step(a, i):
             return jnp.where(active(i), a * (1 - lr * grad(a * a)), a), None
 
-        return jax.lax.scan(step, a_Rx3, jnp.arange(steps), unroll=8)[0]
+        return jax.lax.scan(step, a_Rx3, jnp.arange(n_steps), unroll=8)[0]
 
     a = jnp.broadcast_to(jnp.exp(-t_R)[:, None], (t_R.shape[0], 3))
     thetas = [a * a]
@@ -543,7 +539,7 @@ def _block_pipeline(
     a = descend(
         a,
         lambda th: 2 * jnp.sum(w_Rx3x3 * (th[:, None] - sig_Rx3x3), 1),
-        steps_pretrain,
+        steps.pretrain,
         lambda i: True,
     )
     # C.6 imposed: the mixed model leaves stage 1 with its inconsistent block unlearned
@@ -553,18 +549,21 @@ def _block_pipeline(
     a = descend(
         a,
         lambda th: 2 * var_Rx3x3[:, 1] * (th - sig_Rx3x3[:, 1]) + 2 * lam_R[:, None] * (th - th0),
-        k_max,
+        steps.posttrain,
         lambda i: (i < k_R)[:, None],
     )
     thetas.append(a * a)
     a = descend(
         a,
         lambda th: 2 * var_Rx3x3[:, 2] * (th - sig_Rx3x3[:, 2]),
-        steps_finetune,
+        steps.finetune,
         lambda i: True,
     )
     thetas.append(a * a)
     return jnp.stack(thetas, 1)  # R x stage x block
+
+
+_MIXED, _UNMIXED = slice(0, None, 2), slice(1, None, 2)  # a batch's runs alternate
 
 
 def phase_points(cfg: Config, points: Sequence[dict], c6: str = "dropped") -> dict[str, np.ndarray]:
@@ -582,38 +581,44 @@ def phase_points(cfg: Config, points: Sequence[dict], c6: str = "dropped") -> di
     full = [_phase_default(cfg) | p for p in points]
     runs = [(p, alpha) for p in full for alpha in (p["alpha"], 0.0)]  # mixed, unmixed
     sig, var = zip(*(_block_tasks(cfg, p) for p, _ in runs), strict=True)
-    th = np.asarray(
-        _block_pipeline(
-            jnp.asarray(np.stack(sig)),
-            jnp.asarray(np.stack(var)),
-            jnp.asarray([[1 - a, a, 0.0] for _, a in runs], jnp.float32),
-            jnp.asarray([p["T"] for p, _ in runs], jnp.float32),
-            jnp.asarray([p["lam"] for p, _ in runs], jnp.float32),
-            jnp.asarray([p["K"] for p, _ in runs], jnp.int32),
-            jnp.asarray([c6 == "imposed" and a > 0 for _, a in runs]),
-            cfg.lr,
-            steps_pretrain=cfg.steps_pretrain,
-            k_max=max(int(p["K"]) for p in full),
-            steps_finetune=cfg.steps_finetune,
-        ),
-        np.float64,
-    )  # run x stage x block
-    sig, var = np.stack(sig), np.stack(var)
+    block_runs = _BlockRuns(
+        jnp.asarray(np.stack(sig)),
+        jnp.asarray(np.stack(var)),
+        jnp.asarray([[1 - a, a, 0.0] for _, a in runs], jnp.float32),
+        jnp.asarray([p["T"] for p, _ in runs], jnp.float32),
+        jnp.asarray([p["lam"] for p, _ in runs], jnp.float32),
+        jnp.asarray([p["K"] for p, _ in runs], jnp.int32),
+        jnp.asarray([c6 == "imposed" and a > 0 for _, a in runs]),
+    )
+    steps = _Steps(cfg.steps_pretrain, max(int(p["K"]) for p in full), cfg.steps_finetune)
+    th = np.asarray(_block_pipeline(block_runs, cfg.lr, steps=steps), np.float64)
+    out = _phase_losses(cfg, th, np.stack(sig), np.stack(var))
+    return out | _phase_bound(cfg, full, th[_UNMIXED], out["delta_unmixed"])
+
+
+def _phase_losses(cfg: Config, th, sig, var) -> dict[str, np.ndarray]:
+    """Both models' L_im, L_ret and Δ at each point, and the gaps mixed - unmixed, from θ
+    (run x stage x block) and the runs' targets and variances (run x task x block)."""
     mult = np.asarray([cfg.n_invariant, cfg.n_inconsistent, cfg.n_specialized], np.float64)
     # loss[run, stage, task] = Σ_blocks size · variance · (θ - target)²
     loss = np.einsum("b,rtb,rstb->rst", mult, var, (th[:, :, None] - sig[:, None]) ** 2)
     l_im, l_ret = loss[:, 2, 1], loss[:, 3, 1]
-    mixed, unmixed = slice(0, None, 2), slice(1, None, 2)
     out = {
-        "L_im_mixed": l_im[mixed],
-        "L_im_unmixed": l_im[unmixed],
-        "L_ret_mixed": l_ret[mixed],
-        "L_ret_unmixed": l_ret[unmixed],
-        "delta_mixed": (l_ret - l_im)[mixed],
-        "delta_unmixed": (l_ret - l_im)[unmixed],
+        "L_im_mixed": l_im[_MIXED],
+        "L_im_unmixed": l_im[_UNMIXED],
+        "L_ret_mixed": l_ret[_MIXED],
+        "L_ret_unmixed": l_ret[_UNMIXED],
+        "delta_mixed": (l_ret - l_im)[_MIXED],
+        "delta_unmixed": (l_ret - l_im)[_UNMIXED],
     }
     out["d_delta"] = out["delta_mixed"] - out["delta_unmixed"]
     out["d_ret"] = out["L_ret_mixed"] - out["L_ret_unmixed"]
+    return out
+
+
+def _phase_bound(cfg: Config, full: list[dict], th_u, delta_unmixed) -> dict[str, np.ndarray]:
+    """The C.17 bound on Δ_unmixed (ε measured on the unmixed runs' θ, `th_u`), whether
+    it applies and holds, and whether C.4 and C.6 hold, at each point of `full`."""
     pre, _, ft = cfg.sigma_inconsistent
     post = np.asarray([p["sigma_post"] for p in full])
     beta = np.asarray([p["beta"] for p in full])
@@ -621,16 +626,17 @@ def phase_points(cfg: Config, points: Sequence[dict], c6: str = "dropped") -> di
     c_mis = np.minimum(abs(post - pre), abs(post - ft))
     # ε: the unmixed model's distance from diag(σ_inv, σ_post, 0) after stage 2 and
     # diag(σ_inv, σ_ft, 0) after stage 3, as `lower_bound` measures it.
-    th_u = th[unmixed]
     ideal2 = np.stack([np.full_like(post, cfg.sigma_invariant), post, 0 * post], 1)
     ideal3 = np.stack([np.full_like(post, cfg.sigma_invariant), 0 * post + ft, 0 * post], 1)
     eps = np.maximum(abs(th_u[:, 2] - ideal2).max(1), abs(th_u[:, 3] - ideal3).max(1))
-    out["bound"] = cfg.n_inconsistent * (c_mis**2 - 4 * beta * eps - 2 * c_mis * eps)
-    out["bound_applies"] = out["bound"] > 0
-    out["bound_holds"] = out["bound_applies"] & (out["delta_unmixed"] >= out["bound"])
-    out["c4"] = (beta > 0) & (beta < c_mis / 2)
-    out["c6"] = alpha * beta > (1 - alpha) * pre + alpha * post
-    return out
+    bound = cfg.n_inconsistent * (c_mis**2 - 4 * beta * eps - 2 * c_mis * eps)
+    return {
+        "bound": bound,
+        "bound_applies": bound > 0,
+        "bound_holds": (bound > 0) & (delta_unmixed >= bound),
+        "c4": (beta > 0) & (beta < c_mis / 2),
+        "c6": alpha * beta > (1 - alpha) * pre + alpha * post,
+    }
 
 
 def phase_diagram(cfg: Config = Config()) -> dict[str, Any]:
