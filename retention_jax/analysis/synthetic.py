@@ -6,6 +6,7 @@ stops early after 400 of 1,000 planned steps, except at `capped_post_lrs`, where
 to its cap (compute-matched runs take their single pass, 1,000·(1-λ) steps).
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -15,22 +16,30 @@ from retention_jax import fileio
 from retention_jax.analysis.results import method_of
 
 
-def rows(
-    pipelines: tuple[str, ...] = ("music->chem", "music->qa"),
-    seeds: tuple[int, ...] = (0,),
-    lams: tuple[float, ...] = (0.0, 0.5, 1.0),
-    pools: tuple[int, ...] = (100_000, 200_000),
-    post_lrs: tuple[float, ...] = (1e-3, 2e-3),
-    ft_lrs: tuple[float, ...] = (5e-5, 2e-4, 1e-3),
-    variants: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.05, 0.0), (0.0, 0.01)),
-    capped_post_lrs: tuple[float, ...] = (),
-) -> list[dict]:
-    """Rows shaped like results.jsonl; `variants` are (dropout, replay) pairs."""
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """What the synthetic table crosses; `variants` are (dropout, replay) pairs."""
+
+    pipelines: tuple[str, ...] = ("music->chem", "music->qa")
+    seeds: tuple[int, ...] = (0,)
+    lams: tuple[float, ...] = (0.0, 0.5, 1.0)
+    pools: tuple[int, ...] = (100_000, 200_000)
+    post_lrs: tuple[float, ...] = (1e-3, 2e-3)
+    ft_lrs: tuple[float, ...] = (5e-5, 2e-4, 1e-3)
+    variants: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.05, 0.0), (0.0, 0.01))
+    capped_post_lrs: tuple[float, ...] = ()
+
+
+def rows(**grid) -> list[dict]:
+    """Rows shaped like results.jsonl over `Grid(**grid)`, e.g. `rows(seeds=(0, 1))`."""
+    g = Grid(**grid)
     out = []
-    grid = itertools.product(pipelines, seeds, lams, pools, (False, True), post_lrs, ft_lrs)
-    for pipe, seed, lam, pool, cm, post_lr, ft_lr in grid:
-        for dropout, replay in variants:
-            if (dropout or replay or cm) and pool != pools[-1] or (dropout or replay) and cm:
+    cells = itertools.product(
+        g.pipelines, g.seeds, g.lams, g.pools, (False, True), g.post_lrs, g.ft_lrs
+    )
+    for pipe, seed, lam, pool, cm, post_lr, ft_lr in cells:
+        for dropout, replay in g.variants:
+            if (dropout or replay or cm) and pool != g.pools[-1] or (dropout or replay) and cm:
                 continue  # the λ sweep alone varies the pool and the allocation
             d_post, d_ft = pipe.split("->")
             push = math.log10(ft_lr / 1e-5) / 2  # how hard stage 3 pushes: 0.35 .. 1
@@ -38,7 +47,7 @@ def rows(
             shield = 0.3 * lam + 2 * dropout + 5 * replay  # less forgetting
             l_im = 1.5 - 0.1 * math.log10(pool / 1e5) + 0.1 * cm * lam**2 + 30 * (post_lr - 1e-3)
             post_id = f"post-{pipe}-{seed}-{lam}-{pool}-{cm}-{post_lr}-{dropout}-{replay}"
-            capped = not cm and post_lr in capped_post_lrs
+            capped = not cm and post_lr in g.capped_post_lrs
             row = dict(
                 run_id=f"ft-{len(out):04d}",
                 ids={"posttrain": post_id},
