@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from retention_jax import config, data, trainer
+from retention_jax import config, cost, data, trainer
 from retention_jax import model as model_lib
 from retention_jax import runtime as runtime_lib
 from retention_jax import steps as steps_lib
@@ -350,9 +350,9 @@ def at_theta_post(rt, fns, exp, params, corpus) -> dict:
 
 def stage3_cost(exp: config.Experiment) -> float:
     """Training FLOPs of the stage-3 sweep below one post-training node (one leaf per
-    stage-3 LR): 6N per token (`model.flops_per_token`) times its tokens."""
+    stage-3 LR): 6N per token (`cost.flops_per_token`) times its tokens."""
     plan = data.plan("finetune", exp)
-    per_token = model_lib.flops_per_token(exp.model_for("finetune"), plan.seq_len)
+    per_token = cost.flops_per_token(exp.model_for("finetune"), plan.seq_len)
     return per_token * sum(plan.tokens.values()) * len(exp.forecast.lrs)
 
 

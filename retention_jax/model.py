@@ -534,21 +534,6 @@ def count_params(cfg: config.Model) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, BASE_PARAMS)))
 
 
-def flops_per_token(cfg: config.Model, seq_len: int) -> float:
-    """Training FLOPs per token: 6*N_matmul + 6*n_layers*seq_len*(n_heads*head_dim).
-
-    MaxText convention: forward+backward = 3x forward, 2 FLOPs per multiply-add, and
-    causal attention counted at half of the full QK^T and PV matmuls (Levanter counts
-    full attention, 12*L*s*d). N_matmul = per-layer projections plus the LM head (the
-    tied embedding is counted once, as the head); norms and the embedding gather are not
-    matmuls. LoRA adapters are ignored.
-    """
-    d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
-    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f
-    n_matmul = cfg.n_layers * per_layer + d * cfg.vocab_size
-    return 6.0 * n_matmul + 6.0 * cfg.n_layers * seq_len * h * hd
-
-
 def create(cfg: config.Model, mesh: Mesh, rules: Rules, seed: int) -> Transformer:
     """A model with each parameter initialised directly in its sharding (jitted init)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
