@@ -30,6 +30,7 @@ from retention_jax import (
 from retention_jax import model as model_lib
 from retention_jax.analysis import results
 from retention_jax.data.tokenizer import ByteTokenizer
+from tests import helpers
 
 torch = pytest.importorskip("torch", reason="torch runs the exported model in transformers")
 transformers = pytest.importorskip("transformers", reason="transformers loads the export")
@@ -67,7 +68,9 @@ def test_transformers_logits_match(smoke_workdir, node, exported, caplog):
     with caplog.at_level(logging.INFO, logger="absl"):
         model_cfg, _, params = export.result_params(export.find_node(smoke_workdir, node))
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    graphdef, _ = model_lib.abstract_state(model_cfg, _one_device_mesh(), _replicated(model_cfg))
+    graphdef, _ = model_lib.abstract_state(
+        model_cfg, helpers.one_device_mesh(), _replicated(model_cfg)
+    )
     ours = nnx.merge(graphdef, params)
     tokens_BxL = np.random.default_rng(0).integers(0, 258, (2, 24))
     B, L = tokens_BxL.shape
@@ -133,7 +136,7 @@ def test_init_params_names_the_mismatch(exported, field, value):
     cfg.model[field] = value
     model = config.parse_model(cfg.model)
     with pytest.raises(ValueError, match=rf"config key model\.{field}={value!r}: the checkpoint"):
-        hf.init_params(exported, model, _one_device_mesh(), cfg.rules)
+        hf.init_params(exported, model, helpers.one_device_mesh(), cfg.rules)
 
 
 def test_init_params_adds_fresh_lora(exported):
@@ -141,16 +144,12 @@ def test_init_params_adds_fresh_lora(exported):
     model = dataclasses.replace(
         config.parse_model(cfg.model), lora=config.Lora(2, 128.0, 0.0, ("q", "down"))
     )
-    params = hf.init_params(exported, model, _one_device_mesh(), cfg.rules, seed=3)
+    params = hf.init_params(exported, model, helpers.one_device_mesh(), cfg.rules, seed=3)
     base = hf.load_params(exported, model)
     pure = nnx.to_pure_dict(params)
     np.testing.assert_array_equal(pure["layers"]["q"], base["layers"]["q"])
     assert not np.asarray(pure["layers"]["down_lora_b"]).any()  # B = 0: the base model's output
     assert np.asarray(pure["layers"]["q_lora_a"]).std() > 0
-
-
-def _one_device_mesh() -> jax.sharding.Mesh:
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
 def _replicated(model_cfg) -> tuple:
@@ -172,15 +171,14 @@ def test_init_params_offline_hub_id(tmp_path):
     cfg = default.get_config("smoke")
     with pytest.raises(OSError, match="neither a local directory nor downloadable"):
         model = config.parse_model(cfg.model)
-        hf.init_params("no-such-org/no-such-model", model, _one_device_mesh(), cfg.rules)
+        hf.init_params("no-such-org/no-such-model", model, helpers.one_device_mesh(), cfg.rules)
 
 
 def test_pretraining_starts_from_hf_weights(smoke_workdir, exported, tmp_path):
     """`pretrain.init='hf:DIR'` replaces the fresh initialisation: the stage's first
     parameters are the checkpoint's, bit for bit; a bad value is named."""
-    cfg = default.get_config("smoke")
+    cfg = helpers.smoke_one_pretrain()
     cfg.pretrain.init = f"hf:{exported}"
-    cfg.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
     seen = []
 
     def look(t):

@@ -8,26 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType
 
 from configs import base
 from retention_jax import config, data, hf
 from retention_jax import model as model_lib
+from tests import helpers
 
 torch = pytest.importorskip("torch", reason="torch is needed to build reference HF models")
 transformers = pytest.importorskip("transformers", reason="transformers builds the reference")
 
 B, L, V = 2, 12, 96
-
-
-@pytest.fixture(scope="module")
-def mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh(
-        (1, 1, 1),
-        ("data", "fsdp", "tensor"),
-        axis_types=(AxisType.Auto,) * 3,
-        devices=jax.devices()[:1],
-    )
 
 
 def hf_model(n_kv_heads: int, tie: bool) -> "transformers.LlamaForCausalLM":
@@ -62,9 +52,9 @@ def _forward(model: model_lib.Transformer, tokens_BxL: jax.Array) -> jax.Array:
     return model(tokens_BxL, positions_BxL, jnp.ones((B, L), jnp.int32))
 
 
-def load(path: str, mesh: jax.sharding.Mesh) -> model_lib.Transformer:
+def load(path: str) -> model_lib.Transformer:
     """The checkpoint at `path` as a model, through `hf.init_params` (a stage's start)."""
-    cfg, rules = hf.config_from_hf(path), base.get_config().rules
+    cfg, rules, mesh = hf.config_from_hf(path), base.get_config().rules, helpers.one_device_mesh()
     graphdef, _ = model_lib.abstract_state(cfg, mesh, rules)
     return nnx.merge(graphdef, hf.init_params(path, cfg, mesh, rules))
 
@@ -77,7 +67,7 @@ TOKENS = np.random.default_rng(0).integers(0, V, (B, L))
 
 
 @pytest.mark.parametrize("n_kv_heads, tie", [(4, True), (4, False), (2, True), (2, False)])
-def test_import_export_round_trip(tmp_path, mesh, n_kv_heads, tie):
+def test_import_export_round_trip(tmp_path, n_kv_heads, tie):
     reference = hf_model(n_kv_heads, tie)
     expected = hf_logits(reference, TOKENS)
     reference.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # sharded + index json
@@ -86,7 +76,7 @@ def test_import_export_round_trip(tmp_path, mesh, n_kv_heads, tie):
     cfg = hf.config_from_hf(str(tmp_path / "hf"))
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_base) == (4, n_kv_heads, 8, 500.0)
     assert cfg.tie_embeddings == tie
-    model = load(str(tmp_path / "hf"), mesh)
+    model = load(str(tmp_path / "hf"))
     np.testing.assert_allclose(our_logits(model, TOKENS), expected, atol=1e-4)
 
     hf.export(model, cfg, str(tmp_path / "ours"))
@@ -98,7 +88,7 @@ def test_import_export_round_trip(tmp_path, mesh, n_kv_heads, tie):
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), expected, atol=1e-4)
 
 
-def test_export_merges_lora(tmp_path, mesh):
+def test_export_merges_lora(tmp_path):
     hf_model(2, True).save_pretrained(tmp_path / "hf")
     cfg = hf.config_from_hf(str(tmp_path / "hf"))
     cfg = dataclasses.replace(cfg, lora=config.Lora(2, 4.0, 0.0, ("q", "o", "down")))
@@ -109,7 +99,7 @@ def test_export_merges_lora(tmp_path, mesh):
         b[...] = jnp.asarray(0.1 * np.random.default_rng(1).normal(size=b[...].shape), jnp.float32)
     with_lora = our_logits(model, TOKENS)
     hf.export(model, cfg, str(tmp_path / "merged"))
-    merged = load(str(tmp_path / "merged"), mesh)
+    merged = load(str(tmp_path / "merged"))
     assert not nnx.state(merged, nnx.LoRAParam)
     np.testing.assert_allclose(our_logits(merged, TOKENS), with_lora, atol=1e-4)
 

@@ -17,18 +17,14 @@ from retention_jax import (
     checkpoint,
     config,
     experiment,
-    presets,
     sharding,
     stage,
     trainer,
 )
 from retention_jax import model as model_lib
+from tests import helpers
 
 LORA = config.Lora(4, 8.0, 0.0, ("o", "gate", "up", "down", "head"))
-
-
-def _model(**kw) -> config.Model:
-    return dataclasses.replace(config.parse_model(presets.tiny()), lora=LORA, **kw)
 
 
 def _adapter_count(m: config.Model) -> int:
@@ -41,8 +37,8 @@ def _adapter_count(m: config.Model) -> int:
 
 def test_only_adapters_get_gradients_and_optimizer_state():
     c = base.get_config()
-    m = _model()
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    m = dataclasses.replace(helpers.model_config(), lora=LORA)
+    mesh = helpers.one_device_mesh()
     opt = config.parse_optimizer(c.pretrain, "posttrain")
     fns = trainer.step_functions(m, opt, mesh, c.rules)
     params = trainer.init_params(fns, 0)
@@ -73,7 +69,7 @@ def test_only_adapters_get_gradients_and_optimizer_state():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_merge_keeps_the_function(tied):
-    m = _model(tie_embeddings=tied)
+    m = dataclasses.replace(helpers.model_config(tie_embeddings=tied), lora=LORA)
     with nnx.use_eager_sharding(False):
         model = model_lib.Transformer(m, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")))
     state = nnx.to_pure_dict(nnx.state(model))
@@ -114,8 +110,7 @@ def test_lora_validation_names_the_key():
 def test_lora_graph_merges_adapters_before_fine_tuning(smoke_workdir, tmp_path):
     """Stage 2 with adapters from a finished pretraining node: its base weights stay the
     parent's, and stage 3 starts from W + alpha/rank · A @ B (tied head untied)."""
-    c = default.get_config("smoke")
-    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
+    c = helpers.smoke_one_pretrain()
     c.sweep.posttrain = (("posttrain.lr", (3e-3,)),)  # the added arm alone
     c.sweep.finetune = (("finetune.lr", (1e-4,)),)
     pre = next(n for n in experiment.expand(c) if n.stage == "pretrain")

@@ -1,6 +1,7 @@
 """The decoder: sizes, causality, packing, dropout, scan/unroll/remat, bf16, LoRA, sharding."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +15,25 @@ from jax.sharding import PartitionSpec as P
 from configs import base
 from retention_jax import config, cost, presets
 from retention_jax import model as model_lib
+from tests import helpers
 
 B, L = 2, 16
 
 
-def raw(**kw) -> mlc.ConfigDict:
-    cfg = presets.tiny(vocab_size=128)
-    cfg.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96))
-    cfg.scan_layers = False  # compiles a little faster on CPU; scan is tested against it
-    cfg.update(kw)
-    return cfg
-
-
-def small(**kw) -> config.Model:
-    return config.parse_model(raw(**kw))
+# Smaller than the tiny preset, in a Python layer loop: it compiles a little faster on
+# CPU (scan is tested against it).
+SMALL = dict(
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_mlp=96,
+    scan_layers=False,
+)
+raw = functools.partial(helpers.model_section, **SMALL)
+small = functools.partial(helpers.model_config, **SMALL)
 
 
 def rng(seed: int) -> jax.Array:

@@ -10,6 +10,7 @@ from configs import base, paper_1b, paper_135m
 from retention_jax import config, data, presets, runtime, sharding, trainer
 from retention_jax import model as model_lib
 from retention_jax import steps as steps_lib
+from tests import helpers
 
 # Tiny config, seed 0, the batch below, pretrain optimizer with 100 total steps.
 GOLDEN_LOSSES = [6.269769, 6.233201, 6.16709]
@@ -129,8 +130,8 @@ def test_schedule_warmup_then_cosine():
 
 def test_weight_decay_skips_norms():
     c = base.get_config()
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    params = nnx.state(model_lib.create(config.parse_model(c.model), mesh, c.rules, 0))
+    mesh = helpers.one_device_mesh()
+    params = nnx.state(model_lib.create(helpers.model_config(), mesh, c.rules, 0))
     decayed = {
         "/".join(str(getattr(k, "key", k)) for k in path[:-1]): steps_lib.decays(path, ("norm",))
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -142,10 +143,8 @@ def test_weight_decay_skips_norms():
 def test_stages_share_one_compiled_step():
     """Different LR, warmup and decay (traced hyperparameters) reuse the executable."""
     c = base.get_config()
-    rt = runtime.Runtime(
-        sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]), c.rules
-    )
-    model = config.parse_model(c.model)
+    rt = runtime.Runtime(helpers.one_device_mesh(), c.rules)
+    model = helpers.model_config()
     a = config.parse_optimizer(c.pretrain, "pretrain")
     c.pretrain.update(lr=5e-4, warmup_steps=3, weight_decay=0.0)
     b = config.parse_optimizer(c.pretrain, "pretrain")
@@ -160,7 +159,7 @@ def test_cpu_step_compiles_without_ynn_dot_fusions():
     """`trainer.CPU_COMPILER_OPTIONS` reach the compiler: the step's matmuls are plain
     dots in the entry computation, not kernels fused with their elementwise neighbours."""
     c = base.get_config()
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    mesh = helpers.one_device_mesh()
     steps, _ = _start(c.model, c.pretrain, mesh, c.rules)
     text = _compile(steps, jax.ShapeDtypeStruct((8, 64), jnp.int32))[0].as_text()
     entry = text[text.index("ENTRY") :]
