@@ -13,7 +13,7 @@ from configs import default
 from retention_jax import config, data, fileio, forecast, runtime, sharding, trainer
 from retention_jax import steps as steps_lib
 from retention_jax.analysis import forecast as fc
-from retention_jax.analysis import report, results
+from retention_jax.analysis import report, results, stats
 
 # L(θ) = ½ θᵀAθ + bᵀθ: gradient Aθ + b, Hessian A.
 A_POST = np.array([[3.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.5]], np.float32)
@@ -171,6 +171,33 @@ def test_rho_equals_scipy_on_the_same_rows(smoke_workdir):
     assert v["cost"]["all"]["share_of_stage3"] > 0
     summary = report.to_json(report.summary(rows))["forecast"]
     assert summary == report.to_json(v)
+
+
+def test_interval_over_replicates_is_the_t_interval_of_their_correlations():
+    rng = np.random.default_rng(0)
+    groups = [(x, x + rng.normal(size=9)) for x in rng.normal(size=(3, 9))]
+    c = fc.correlation(groups)
+    rhos = np.array([sp.spearmanr(x, y).statistic for x, y in groups])
+    lo, hi = stats.t_interval(rhos)
+    assert c["interval_over"] == "replicates" and c["replicates"] == 3
+    assert c["rho"] == pytest.approx(rhos.mean(), abs=1e-12)
+    assert c["rho95"] == pytest.approx((max(lo, -1.0), min(hi, 1.0)), abs=1e-12)
+    assert c["rho95"][0] < rhos.min() < rhos.max() < c["rho95"][1]  # wider than their range
+
+
+def test_a_probe_beats_l_im_only_by_a_resolved_paired_gain():
+    preds = {
+        "L_im": {"rho_per_replicate": [0.1, -0.2, 0.0]},
+        "trace": {"rho_per_replicate": [0.7, 0.5, 0.6]},  # +0.6, +0.7, +0.6
+        "sharpness": {"rho_per_replicate": [0.9, -0.9, 0.1]},  # +0.8, -0.7, +0.1
+    }
+    fc._against_baseline(preds)
+    gain = preds["trace"]["gain_over_L_im"]
+    assert gain["mean"] == pytest.approx(np.mean([0.6, 0.7, 0.6]))
+    assert gain["ci95"] == pytest.approx(stats.t_interval(np.array([0.6, 0.7, 0.6])))
+    assert "beats L_im +0.63" in fc._verdict(preds["trace"])
+    assert "not resolved" in fc._verdict(preds["sharpness"])
+    assert "gain_over_L_im" not in preds["L_im"]
 
 
 def test_spearman_shares_ties_and_refuses_constants():

@@ -2,9 +2,11 @@
 
 Rows carry their post-training node's probes (`row["forecast"]`). For each stage-3 LR
 and each predictor, Spearman ρ and Kendall τ between the predictor and the realised
-L_ret across post-training nodes, computed within each replicate, with a percentile
-bootstrap interval: over replicates when there are two or more (the mean ρ of the
-resampled replicates), else over the nodes of the one replicate. L_im is the baseline:
+L_ret across post-training nodes, computed within each replicate. Over two or more
+replicates the interval is the Student-t interval of the mean of the per-replicate
+values (`stats.t_interval`, the rule of every effect; a bootstrap over three replicates
+would span no more than their range), clipped to [-1, 1]; with one replicate it is a
+percentile bootstrap over its nodes. L_im is the baseline:
 the paper's finding is that it does not predict L_ret, and a probe earns its place only
 by beating it: a larger ρ in its stated orientation (a forecast states its direction
 before the data). The same statistics against forgetting (L_ret − L_im) say whether a
@@ -17,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats as sp
 
+from retention_jax.analysis import stats
 from retention_jax.analysis.results import replicate
 
 PREDICTORS = ("L_im", "interference", "cosine", "curvature", "sharpness", "trace", "lookahead")
@@ -67,30 +70,34 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
+def _over_replicates(values: np.ndarray) -> tuple[float, float]:
+    """The t interval of the mean of per-replicate correlations, within [-1, 1]."""
+    lo, hi = stats.t_interval(values[np.isfinite(values)])
+    return (max(lo, -1.0), min(hi, 1.0)) if np.isfinite(lo) else (lo, hi)
+
+
 def correlation(groups: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> dict:
     """ρ and τ of (x, y) pairs, one pair of arrays per replicate: their means over
-    replicates and a bootstrap interval of the mean ρ and τ (over replicates from two
-    on, else over the one replicate's nodes)."""
+    replicates and a 95% interval of the mean ρ and τ (a t interval over replicates from
+    two on, else a bootstrap over the one replicate's nodes)."""
     rho = np.array([spearman(x, y) for x, y in groups])
     tau = np.array([kendall(x, y) for x, y in groups])
-    rng = np.random.default_rng(seed)
     if len(groups) >= 2:
         over = "replicates"
-        idx = rng.integers(0, len(groups), size=(DRAWS, len(groups)))
-        rho_s, tau_s = np.nanmean(rho[idx], axis=1), np.nanmean(tau[idx], axis=1)
+        rho95, tau95 = _over_replicates(rho), _over_replicates(tau)
     else:
         over = "nodes"
         x, y = groups[0]
-        idx = rng.integers(0, len(x), size=(DRAWS, len(x)))
-        rho_s = np.array([spearman(x[i], y[i]) for i in idx])
-        tau_s = np.array([kendall(x[i], y[i]) for i in idx])
+        idx = np.random.default_rng(seed).integers(0, len(x), size=(DRAWS, len(x)))
+        rho95 = _interval(np.array([spearman(x[i], y[i]) for i in idx]))
+        tau95 = _interval(np.array([kendall(x[i], y[i]) for i in idx]))
     mean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
     return {
         "rho": mean(rho),
         "tau": mean(tau),
         "rho_per_replicate": rho.tolist(),
-        "rho95": _interval(rho_s),
-        "tau95": _interval(tau_s),
+        "rho95": rho95,
+        "tau95": tau95,
         "interval_over": over,
         "nodes": int(np.mean([len(x) for x, _ in groups])),
         "replicates": len(groups),
@@ -123,9 +130,31 @@ def validate(rows: list[dict]) -> dict:
                 )
                 for name in PREDICTORS
             }
+            _against_baseline(by_lr[lr])
         out[tgt] = by_lr
     out["cost"] = cost(rows)
     return out
+
+
+def _against_baseline(preds: dict) -> None:
+    """Adds to each probe its paired gain over L_im: ρ − ρ(L_im) per replicate, with the
+    interval of every effect (`stats.effect`), so "beats L_im" is a resolved claim."""
+    base = np.array(preds["L_im"]["rho_per_replicate"])
+    for name, c in preds.items():
+        if name != "L_im":
+            e = stats.effect((np.array(c["rho_per_replicate"]) - base).tolist())
+            c["gain_over_L_im"] = {"mean": e.mean, "ci95": e.ci95, "n": e.n}
+
+
+def _verdict(c: dict) -> str:
+    g = c.get("gain_over_L_im")
+    if g is None or not np.isfinite(g["mean"]):
+        return ""
+    lo, hi = g["ci95"]
+    if g["n"] < 2:
+        return f"  vs L_im {g['mean']:+.2f} (one replicate: no interval)"
+    word = "beats L_im" if lo > 0 else "loses to L_im" if hi < 0 else "vs L_im (not resolved)"
+    return f"  {word} {g['mean']:+.2f} (95% {lo:+.2f} to {hi:+.2f})"
 
 
 def cost(rows: list[dict]) -> dict:
@@ -158,7 +187,6 @@ def format_validation(v: dict) -> str:
     lines = []
     for tgt in TARGETS:
         for lr, preds in v[tgt].items():
-            base = preds["L_im"]["rho"]
             any_stats = next(iter(preds.values()))
             lines.append(
                 f"forecast of {tgt} at stage-3 LR {lr:g} ({any_stats['nodes']} post-training "
@@ -167,14 +195,9 @@ def format_validation(v: dict) -> str:
             )
             for name, c in preds.items():
                 lo, hi = c["rho95"]
-                mark = (
-                    ""
-                    if name == "L_im" or not np.isfinite(base)
-                    else ("  beats L_im" if c["rho"] > base else "  loses to L_im")
-                )
                 lines.append(
                     f"  {name:<12} ρ {c['rho']:+.3f} (95% {lo:+.2f} to {hi:+.2f})  "
-                    f"τ {c['tau']:+.3f}{mark}"
+                    f"τ {c['tau']:+.3f}{_verdict(c)}"
                 )
     c = v["cost"]["all"]
     lines.append(
