@@ -373,17 +373,14 @@ class Program:
         return self.model_flops / (self.roofline_s(chip) * chip.peak_flops)
 
 
-def _analyse(exe, name, nodes, rows, micro, knob, flops, attention, seconds) -> Program:
-    """`flops`: (model FLOPs, its attention share) per chip per call."""
+def _analyse(exe, head: tuple, flops: tuple, attention: str, seconds: float) -> Program:
+    """`head`: Program's first five fields (name, nodes, rows, microbatches, knob);
+    `flops`: (model FLOPs, its attention share) per chip per call."""
     mem = exe.memory_analysis()
     hlo = analyse_hlo(exe.as_text())
     model_flops, attention_flops = flops
     return Program(
-        name,
-        nodes,
-        rows,
-        micro,
-        knob,
+        *head,
         mem.argument_size_in_bytes,
         mem.temp_size_in_bytes,
         mem.output_size_in_bytes,
@@ -462,7 +459,7 @@ def compile_graph(cfg, s: Slice, log: Callable[[str], None] = print) -> tuple[li
             why = str(e).splitlines()[0]  # XLA's own words: what it needs, what there is
             _refuse(knob, at_once, exp0.mesh, f"the {name} on {s.accelerator}: {why}")
         programs.append(
-            _analyse(exe, name, len(members), rows, micro, knob, flops, attention, seconds)
+            _analyse(exe, (name, len(members), rows, micro, knob), flops, attention, seconds)
         )
     return programs, exp0.mesh
 

@@ -24,6 +24,7 @@ from retention_jax import (
     stage,
     trainer,
 )
+from tests import helpers
 
 
 def _rows(workdir):
@@ -214,14 +215,8 @@ def test_killed_stage_resumes_to_identical_result(
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
-def _tiny():
-    c = default.get_config("smoke")
-    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
-    return c
-
-
 def test_changed_config_under_existing_id_is_refused(tmp_path):
-    c = _tiny()
+    c = helpers.smoke_one_pretrain()
     (pre,) = [n for n in experiment.expand(c) if n.stage == "pretrain"]
     run_dir = tmp_path / "runs" / pre.id
     run_dir.mkdir(parents=True)

@@ -35,6 +35,7 @@ from retention_jax import (
     trainer,
 )
 from retention_jax.data import store
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,8 +151,7 @@ def test_failing_node_is_recorded_and_its_siblings_finish(smoke_workdir, tmp_pat
     post = _node("posttrain")
     for n in (post.parent, post):  # finished parents, as a rerun would find them
         shutil.copytree(os.path.join(smoke_workdir, "runs", n.id), tmp_path / "runs" / n.id)
-    c = default.get_config("smoke")
-    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0,)),)
+    c = helpers.smoke_one_pretrain()
     leaves = [n for n in experiment.expand(c) if n.stage == "finetune"]
     injected = callbacks.RaiseAt(2, FloatingPointError("non-finite loss=nan (injected)"), times=1)
     with pytest.raises(experiment.GraphFailed) as e:
