@@ -15,9 +15,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from retention_jax.errors import MISSING, ConfigError, fail
-
-__all__ = ["ConfigError", "fail"]  # re-exported: every layer's config checks raise them
+from retention_jax.errors import MISSING, fail
 
 DOMAINS = ("pre", "post", "ft")  # fixed order: batch["domain"] indexes it
 MESH_AXES = ("data", "fsdp", "tensor")

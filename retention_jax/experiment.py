@@ -111,7 +111,7 @@ def devices_for(cfg: mlc.ConfigDict, devices: int | None = None) -> int:
     try:
         config.mesh_shape(cfg.mesh, jax.device_count())
         return jax.device_count()
-    except config.ConfigError:
+    except errors.ConfigError:
         return config.smallest_devices(cfg.mesh)
 
 

@@ -26,7 +26,7 @@ from typing import NoReturn
 
 import jax
 
-from retention_jax import config, cost, graph, sharding, trainer
+from retention_jax import cost, errors, graph, sharding, trainer
 from retention_jax import model as model_lib
 
 GIB = 2**30
@@ -120,7 +120,7 @@ def parse(accelerator: str) -> Slice:
     chips = n // chip.cores_in_name if chip and n % chip.cores_in_name == 0 else 0
     grid = _grid(chips, chip.dims) if chip else None
     if grid is None:
-        config.fail(
+        errors.fail(
             "--topology",
             accelerator,
             "a Cloud TPU accelerator type: v2-N, v3-N, v4-N or v5p-N (N TensorCores, two "
@@ -404,8 +404,8 @@ def _compile_eval(fns: trainer.StepFunctions, batch: dict) -> tuple:
 def _refuse(knob: str, rows: int, mesh_sizes: dict, why: str) -> NoReturn:
     """ConfigError naming what to change: fewer rows a device at once, or the mesh."""
     if rows > 1:
-        config.fail(knob, rows, f"fewer rows a device at once: {why}")
-    config.fail("mesh", dict(mesh_sizes), f"more fsdp sharding or a larger slice: {why}")
+        errors.fail(knob, rows, f"fewer rows a device at once: {why}")
+    errors.fail("mesh", dict(mesh_sizes), f"more fsdp sharding or a larger slice: {why}")
 
 
 def compile_graph(cfg, s: Slice, log: Callable[[str], None] = print) -> tuple[list, dict]:
@@ -468,9 +468,9 @@ def _check_hosts(nodes, s: Slice) -> None:
     """Each host feeds an equal share of every batch."""
     for n in nodes:
         if n.plan.batch % s.hosts:
-            config.fail(f"{n.stage}.batch", n.plan.batch, f"a multiple of {s.hosts} hosts")
+            errors.fail(f"{n.stage}.batch", n.plan.batch, f"a multiple of {s.hosts} hosts")
         if n.exp.eval_batch % s.hosts:
-            config.fail("eval.batch", n.exp.eval_batch, f"a multiple of {s.hosts} hosts")
+            errors.fail("eval.batch", n.exp.eval_batch, f"a multiple of {s.hosts} hosts")
 
 
 def check_fit(programs: list[Program], s: Slice, mesh_sizes: dict) -> None:

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from configs import base, corpora, default, lambda_sweep, paper_1b, paper_135m
-from retention_jax import config, data, graph
+from retention_jax import config, data, errors, graph
 
 # (config module, argument, devices it is validated for, nodes in its graph)
 SHIPPED = [
@@ -75,7 +75,7 @@ def test_bad_values_are_named(path, value, message):
     for key in head:
         node = node[key]
     node[last] = value
-    with pytest.raises(config.ConfigError, match=re.escape(message)):
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
         config.parse(c, 8)
 
 
@@ -135,7 +135,7 @@ def test_replicates_copy_the_graph_with_paired_seeds():
 def test_bad_replicates_are_named(key, value, allowed):
     c = base.get_config()
     c[key] = value
-    with pytest.raises(config.ConfigError, match=rf"config key {key}={value}: {allowed}"):
+    with pytest.raises(errors.ConfigError, match=rf"config key {key}={value}: {allowed}"):
         graph.expand(c, 8)
 
 
@@ -163,7 +163,7 @@ def test_linked_sweep_keys_change_together():
         "posttrain.warmup_fraction": 0.25,
     }
     c.sweep.posttrain = ((("posttrain.lr", "posttrain.dropout"), ((1e-3,),)),)
-    with pytest.raises(config.ConfigError, match="tuples of 2 values, one per linked path"):
+    with pytest.raises(errors.ConfigError, match="tuples of 2 values, one per linked path"):
         graph.expand(c, 8)
 
 
@@ -171,7 +171,7 @@ def test_warmup_longer_than_the_stage_is_refused_unless_allowed():
     c = default.get_config("smoke")
     c.finetune.warmup_steps = 4  # the smoke fine-tuning stage has 4 steps
     with pytest.raises(
-        config.ConfigError,
+        errors.ConfigError,
         match=r"finetune.warmup_steps=4: a warmup shorter "
         r"than the stage's 4 steps",
     ):

@@ -194,7 +194,7 @@ def test_pretraining_starts_from_hf_weights(smoke_workdir, exported, tmp_path):
     np.testing.assert_array_equal(nnx.to_pure_dict(seen[0])["layers"]["q"], want["layers"]["q"])
     np.testing.assert_array_equal(nnx.to_pure_dict(seen[0])["embed"], want["embed"])
     cfg.pretrain.init = "pretrained"
-    with pytest.raises(config.ConfigError, match="config key pretrain.init='pretrained'"):
+    with pytest.raises(errors.ConfigError, match="config key pretrain.init='pretrained'"):
         experiment.expand(cfg)
 
 

@@ -16,6 +16,7 @@ from retention_jax import (
     callbacks,
     checkpoint,
     config,
+    errors,
     experiment,
     sharding,
     stage,
@@ -102,7 +103,7 @@ def test_merge_keeps_the_function(tied):
 def test_lora_validation_names_the_key():
     c = default.get_config("smoke")
     c.posttrain.lora.update(rank=4, targets=("q", "qkv"))
-    with pytest.raises(config.ConfigError, match=r"config key posttrain.lora.targets="):
+    with pytest.raises(errors.ConfigError, match=r"config key posttrain.lora.targets="):
         config.parse(c, 8)
 
 

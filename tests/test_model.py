@@ -13,7 +13,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from retention_jax import config, cost, presets
+from retention_jax import config, cost, errors, presets
 from retention_jax import model as model_lib
 from tests import helpers
 
@@ -303,14 +303,14 @@ def test_auto_choices_on_cpu():
 )
 def test_bad_performance_knobs_are_named(key, value, message):
     cfg = mlc.ConfigDict(raw().to_dict() | {key: value}, type_safe=False)
-    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config.parse_model(cfg)
 
 
 def test_attention_dropout_needs_einsum():
     cfg = raw(attention="xla", dropout=dict(embed=0.0, attn=0.1, resid=0.0, mlp=0.0))
     with pytest.raises(
-        config.ConfigError, match=r"config key model.attention='xla': auto \| einsum \| einsum_vjp"
+        errors.ConfigError, match=r"config key model.attention='xla': auto \| einsum \| einsum_vjp"
     ):
         config.parse_model(cfg)
     cfg.attention = "auto"

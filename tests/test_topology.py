@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import default, paper_1b
-from retention_jax import config, experiment, model, sharding, topology, trainer
+from retention_jax import config, errors, experiment, model, sharding, topology, trainer
 
 needs_libtpu = pytest.mark.skipif(
     not topology.libtpu_available(), reason="libtpu not installed (pip install -e '.[tpu]')"
@@ -50,7 +50,7 @@ def test_accelerator_names_map_to_slices(name, kind, grid, chips, devices, hosts
     "name", ["v5p-4", "v5p-12", "v5e-2", "v5e-3", "v5e-512", "v7-8", "tpu", "v4-8x"]
 )
 def test_unknown_slices_are_refused(name):
-    with pytest.raises(config.ConfigError, match=rf"--topology={name!r}: a Cloud TPU"):
+    with pytest.raises(errors.ConfigError, match=rf"--topology={name!r}: a Cloud TPU"):
         topology.parse(name)
 
 
@@ -113,7 +113,7 @@ def test_oversized_microbatch_rows_are_refused_naming_the_key():
     for stage in ("pretrain", "posttrain", "finetune"):
         c[stage].update(batch=2048, microbatch_rows=2048, allow_unreached_peak=True)
     with pytest.raises(
-        config.ConfigError,
+        errors.ConfigError,
         match=r"config key pretrain.microbatch_rows=2048: fewer rows a device at once: the "
         r"pretrain\+posttrain\+finetune train step on v5litepod-1: RESOURCE_EXHAUSTED",
     ):

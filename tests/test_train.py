@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import base, paper_1b, paper_135m
-from retention_jax import config, data, presets, runtime, sharding, trainer
+from retention_jax import config, data, errors, presets, runtime, sharding, trainer
 from retention_jax import model as model_lib
 from retention_jax import steps as steps_lib
 from tests import helpers
@@ -241,7 +241,7 @@ def test_chunked_loss_step_matches_golden():
 def test_microbatches_must_divide_rows():
     c = base.get_config()
     c.pretrain.batch, c.pretrain.microbatches = 16, 3
-    with pytest.raises(config.ConfigError, match=r"pretrain.microbatches=3: a divisor"):
+    with pytest.raises(errors.ConfigError, match=r"pretrain.microbatches=3: a divisor"):
         config.parse(c, 8)
     c.pretrain.microbatches = 2
     config.parse(c, 8)
@@ -262,7 +262,7 @@ def test_microbatch_rows_and_microbatches_exclude_each_other():
     c = base.get_config()
     c.posttrain.microbatches, c.posttrain.microbatch_rows = 2, 4
     with pytest.raises(
-        config.ConfigError, match=r"posttrain.microbatch_rows=4: 0 when microbatches=2 is set"
+        errors.ConfigError, match=r"posttrain.microbatch_rows=4: 0 when microbatches=2 is set"
     ):
         config.parse(c, 8)
 
