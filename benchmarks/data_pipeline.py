@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from configs import base, paper_1b, paper_135m  # noqa: E402
-from retention_jax import config, cost, data, experiment  # noqa: E402
+from retention_jax import config, cost, data, graph  # noqa: E402
 from retention_jax.data import builtin, sources  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,8 +146,8 @@ def loader_run(cache: str, source: str, seq_len: int, batch: int) -> dict:
 
 def graph_train_tokens(cfg) -> int:
     """Train tokens the stores of a config's graph hold (every node's plan)."""
-    nodes = experiment.expand(cfg, config.smallest_devices(cfg.mesh))
-    needs = data.needs_of([data.plan(n.stage, n.exp) for n in nodes])
+    nodes = graph.expand(cfg, config.smallest_devices(cfg.mesh))
+    needs = data.needs_of([n.plan for n in nodes])
     return sum(needs.values()) * nodes[0].exp.data.seq_len
 
 

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from retention_jax import config, experiment, topology  # noqa: E402
+from retention_jax import config, experiment, graph, topology  # noqa: E402
 
 GPUS = ("P4", "T4", "P100", "V100", "A100", "A100_80GIB", "L4_24TH", "H100", "H200", "B200")
 TPUS = ("TPU_V2", "TPU_V3")
@@ -62,7 +62,7 @@ def jobs(cfg, workdir: str, config_args: list[str]) -> list[list[Job]]:
     """The job waves: the prepare step, one job per node stage by stage, then one
     collect-only job."""
     common = (*config_args, f"--workdir={workdir}")
-    prep = [Job(experiment.PREPARE, (*common, f"--only={experiment.PREPARE}"))]
+    prep = [Job(graph.PREPARE, (*common, f"--only={graph.PREPARE}"))]
     plan = [[Job(n, (*common, f"--only={n}")) for n in wave] for wave in waves(cfg)]
     return [prep, *plan, [Job("", common)]]
 
@@ -136,7 +136,7 @@ def main(argv) -> None:
         topology.check(_CONFIG.value, SLICES[accelerator])
     config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
     plan = jobs(_CONFIG.value, _WORKDIR.value, config_args)
-    for name, wave in zip([experiment.PREPARE, *config.STAGES, "collect"], plan):
+    for name, wave in zip([graph.PREPARE, *config.STAGES, "collect"], plan):
         print(f"{name}: {len(wave)} jobs: {' '.join(j.node or 'results' for j in wave)}")
     if _DRY_RUN.value:
         return
