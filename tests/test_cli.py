@@ -102,6 +102,9 @@ def test_ctrl_c_says_what_was_kept(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job ignores SIGINT and its children inherit that; a user's
+        # Ctrl-C reaches a foreground process with the default action, as here.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     for line in proc.stdout:  # interrupt during the first training steps
