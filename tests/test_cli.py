@@ -96,15 +96,18 @@ def test_an_override_of_a_swept_key_replaces_its_axis():
 @pytest.mark.slow
 def test_ctrl_c_says_what_was_kept(tmp_path):
     workdir = str(tmp_path / "w")
+    # A shell's background job ignores SIGINT and its children inherit that; a user's
+    # Ctrl-C reaches a foreground process with the default action, so the child resets it
+    # before it execs main.py (a preexec_fn would fork this multithreaded process).
+    argv = [sys.executable, "main.py", "--config=configs/default.py:smoke", f"--workdir={workdir}"]
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    reset += "os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.Popen(
-        [sys.executable, "main.py", "--config=configs/default.py:smoke", f"--workdir={workdir}"],
+        [sys.executable, "-c", reset, *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A shell's background job ignores SIGINT and its children inherit that; a user's
-        # Ctrl-C reaches a foreground process with the default action, as here.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     for line in proc.stdout:  # interrupt during the first training steps
