@@ -198,7 +198,8 @@ def probe(
     """Every probe of θ_post = `params` (post-training's model without dropout, on
     `forecast.rows` rows of each batch): its value, FLOPs (compiled cost analysis, times
     its calls) and seconds. Five programs serve all probes: a loss and gradient, a
-    Hessian-vector step, an alignment, an AdamW update and its init.
+    Hessian-vector step, an alignment, an AdamW update and its init. `stage3_flops` is
+    the training FLOPs of the stage-3 sweep the probes stand in for.
 
     Derivatives are with respect to the base weights (LoRA adapters held fixed: the same
     function, and the gradient of the merged weights)."""
@@ -208,12 +209,14 @@ def probe(
     s = _Session(m, run, base, rest, post_batch, ft_batch)
     out = _gradient_probes(s)
     out |= _hessian_probes(s, exp.forecast)
-    out["lookahead"] = _lookahead_probe(s, exp, out["L_post"]["value"])
+    ft_plan = data.plan("finetune", exp)  # the stage 3 the probes stand in for
+    out["lookahead"] = _lookahead_probe(s, exp, ft_plan, out["L_post"]["value"])
     for name, c in m.cost.items():
         out[name].update(c)
     out["cosine"].update(m.cost["interference"])  # the same calls
     out["compile_s"] = m.compile_s  # 0 once this process compiled the programs
     out["settings"] = {**dataclasses.asdict(exp.forecast), "lrs": list(exp.forecast.lrs)}
+    out["stage3_flops"] = stage3_cost(exp, ft_plan)
     return out
 
 
@@ -301,10 +304,9 @@ def _hessian_probes(s: _Session, f: config.Forecast) -> dict:
     }
 
 
-def _lookahead_probe(s: _Session, exp: config.Experiment, l_post: float) -> dict:
-    """L_post along the first k stage-3 steps at each stage-3 LR, and its extrapolation
-    to the stage-3 budget."""
-    plan = data.plan("finetune", exp)
+def _lookahead_probe(s: _Session, exp: config.Experiment, plan, l_post: float) -> dict:
+    """L_post along the first k stage-3 steps (of `plan`) at each stage-3 LR, and its
+    extrapolation to the stage-3 budget."""
     k = lookahead_steps(exp.forecast.lookahead, plan.num_steps)
     curves, value = {}, {}
     for lr in exp.forecast.lrs:
@@ -341,17 +343,16 @@ def _replicated(rt: runtime_lib.Runtime, tree):
 
 
 def at_theta_post(rt, fns, exp, params, corpus) -> dict:
-    """`probe` on the first validation batch of D_post and of D_ft, with the training
-    FLOPs of the stage-3 sweep it stands in for."""
+    """`probe` on the first validation batch of D_post and of D_ft."""
     post = rt.eval_batches(corpus, "post", exp.eval_batch, fns)[0]
     ft = rt.eval_batches(corpus, "ft", exp.eval_batch, fns)[0]
-    return {**probe(rt, fns, exp, params, post, ft), "stage3_flops": stage3_cost(exp)}
+    return probe(rt, fns, exp, params, post, ft)
 
 
-def stage3_cost(exp: config.Experiment) -> float:
+def stage3_cost(exp: config.Experiment, plan) -> float:
     """Training FLOPs of the stage-3 sweep below one post-training node (one leaf per
-    stage-3 LR): 6N per token (`cost.flops_per_token`) times its tokens."""
-    plan = data.plan("finetune", exp)
+    stage-3 LR, each run by `plan`): 6N per token (`cost.flops_per_token`) times its
+    tokens."""
     per_token = cost.flops_per_token(exp.model_for("finetune"), plan.seq_len)
     return per_token * sum(plan.tokens.values()) * len(exp.forecast.lrs)
 

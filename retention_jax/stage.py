@@ -255,13 +255,14 @@ def run(
     try:
         own, rule = callbacks(run)
         run.callbacks = [*own, *extra_callbacks]
-        stop = node.early_stopping and rule.stopped
+        early = node.early_stopping
         try:
-            cb.run_loop(run.trainer, run.batches, run.callbacks, plan.num_steps, stop)
+            cb.run_loop(
+                run.trainer, run.batches, run.callbacks, plan.num_steps, early and rule.stopped
+            )
         finally:  # a failing stage still commits the checkpoint it was writing
             run.mngr.wait_until_finished()
         run.mngr.close()
-        early = node.early_stopping
         result_step = rule.best_step if early and run.record.evals else run.trainer.step
         return finish(run, result_step, early and rule.stopped)
     finally:
