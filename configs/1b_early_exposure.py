@@ -52,7 +52,7 @@ compiled matmuls, roofline from the chip's peak and HBM bandwidth):
     ×173, all-reduce ×26.
 """
 
-from configs import base, corpora, paper_1b, paper_135m
+from configs import base, corpora, paper_1b, protocol
 
 PIPELINES = ("musicpile-chempile", "musicpile-flan", "flan-chempile")
 ARMS = ("mixing", "dropout", "replay")
@@ -69,7 +69,7 @@ def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
     c = paper_1b.get_config(pipeline + (",smoke" if smoke else ""))
     if arm == "dropout":
         lrs = (("posttrain.lr", (1e-3,)),) if smoke else (("posttrain.lr", DROPOUT_LRS),)
-        c.sweep.posttrain = lrs + paper_135m.arm_sweep("dropout")
+        c.sweep.posttrain = lrs + protocol.arm_sweep("dropout")
     else:
-        c.sweep.posttrain = tuple(c.sweep.posttrain) + paper_135m.arm_sweep(arm)
+        c.sweep.posttrain = tuple(c.sweep.posttrain) + protocol.arm_sweep(arm)
     return c

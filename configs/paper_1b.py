@@ -10,7 +10,7 @@ added), LR 5e-4 → 5e-5 cosine, 1,000 warmup steps, batch 512 × 1,024, seed 42
 LR {1e-5, 2e-5, 5e-5, 1e-4, 2e-4}, minimum 5e-5 as printed (clamped to the peak where
 it lies above it, so the 1e-5 and 2e-5 runs hold their peak after warmup), batch 512,
 warmup 100, WD 0.1, early stopping every 100 steps with patience 3, at most 2B tokens,
-seed 40 (`posttrain.seed`). Stage 3: 200M tokens over paper_135m.STAGE3_LRS.
+seed 40 (`posttrain.seed`). Stage 3: 200M tokens over protocol.STAGE3_LRS.
 2 + 10 + 60 = 72 nodes per pipeline.
 
 Memory: the loss runs in chunks of 256 positions, and every stage accumulates gradients
@@ -47,34 +47,29 @@ each; all compiled in 1138 s):
     gather ×461, all-reduce ×26.
 """
 
-from configs import base, corpora, paper_135m
+from configs import base, corpora, protocol
 from retention_jax import presets
 
-M = 1_000_000
+M = protocol.M
 STAGE2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
 PRETRAIN_SEED, POSTTRAIN_SEED = 42, 40
 MICROBATCH_ROWS = 8  # a device's rows per forward/backward: fits 48 GB (see above)
 
 
 def get_config(arg: str = "musicpile-chempile") -> "base.mlc.ConfigDict":
-    _, _, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
-    c = paper_135m.get_config(arg)
-    c.model = presets.paper_1b()
-    c.model.dtype = "bfloat16"
-    c.model.remat = "dots"
-    c.model.loss_chunk = 256
+    pipeline, _, smoke = corpora.parse_arg(arg, tuple(corpora.PIPELINES))
+    c = protocol.settings(pipeline, smoke, presets.paper_1b())
     c.mesh = dict(data=-1, fsdp=8, tensor=1)  # FSDP within an 8-chip group, data across
-    c.pretrain.update(tokens=19_700 * M, batch=512, lr=5e-4, min_lr=5e-5, warmup_steps=1_000)
-    c.posttrain.update(batch=512, warmup_steps=100, min_lr=5e-5, seed=POSTTRAIN_SEED)
-    c.finetune.update(batch=512)
+    c.pretrain.tokens = 19_700 * M
+    c.posttrain.update(batch=512, warmup_steps=100, seed=POSTTRAIN_SEED)
+    c.finetune.batch = 512
     for stage in (c.pretrain, c.posttrain, c.finetune):
         stage.microbatch_rows = MICROBATCH_ROWS
     c.eval.batch = 512
     c.seed = PRETRAIN_SEED
-    c.sweep.pretrain = (("pretrain.exposure.lam", (0.0, 1.0)),)
     c.sweep.posttrain = (("posttrain.lr", STAGE2_LRS),)
     if smoke:
-        paper_135m.shrink(c)
+        protocol.shrink(c)
         c.mesh = dict(data=1, fsdp=-1, tensor=1)
         c.sweep.posttrain = (("posttrain.lr", (1e-3,)),)
     return c

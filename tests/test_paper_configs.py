@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from configs import corpora, lambda_sweep, paper_1b, paper_135m
+from configs import corpora, lambda_sweep, paper_1b, paper_135m, protocol
 from retention_jax import data, experiment, graph
 
 early_exposure = importlib.import_module("configs.1b_early_exposure")
@@ -19,7 +19,7 @@ M = 1_000_000
 SEQ = 1024
 POOL = 300 * M // SEQ * SEQ  # 299,999,232: pools and budgets floor to whole sequences
 FT_TOKENS = 200 * M // SEQ * SEQ  # 199,999,488
-N_FT = len(paper_135m.STAGE3_LRS)
+N_FT = len(protocol.STAGE3_LRS)
 
 
 def _counts(cfg) -> dict:
@@ -37,7 +37,7 @@ GRAPHS = [
     *[(paper_135m, f"{p},replay", _counts_of(2, 2 * 15, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},lora", _counts_of(2, 2 * 15 * 3, N_FT)) for p in corpora.PIPELINES],
     *[(paper_135m, f"{p},{a},smoke", _counts_of(2, 2 * {"dropout": 2, "lora": 3}.get(a, 1), 2))
-      for p in corpora.PIPELINES for a in paper_135m.ARMS],
+      for p in corpora.PIPELINES for a in protocol.ARMS],
     *[(paper_1b, p, _counts_of(2, 2 * 5, N_FT)) for p in corpora.PIPELINES],
     *[(paper_1b, f"{p},smoke", _counts_of(2, 2, 2)) for p in corpora.PIPELINES],
     *[(early_exposure, p, _counts_of(2, 2 * 5, N_FT)) for p in early_exposure.PIPELINES],
@@ -217,7 +217,7 @@ def test_fig3_lr_sensitivity_extends_the_main_sweep(setting, capsys):
 
 
 def test_stage3_grid_spans_the_forgetting_range_and_holds_fig3_lr():
-    lrs = paper_135m.STAGE3_LRS
+    lrs = protocol.STAGE3_LRS
     assert lrs == tuple(sorted(lrs)) and lrs[0] == 1e-6 and lrs[-1] == 1e-3
     assert 5e-5 in lrs  # the paper's Fig. 3 stage-3 LR
     for module, arg in ((paper_135m, "flan-musicpile"), (early_exposure, "musicpile-flan")):
